@@ -1,0 +1,27 @@
+# Two entry points: `make demo` and `make test`. Both create .venv, install the project, then run.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# The CPU wheel that these machines carry; only used when no torch is importable at all.
+TORCH_FALLBACK ?= torch==2.13.0
+
+.PHONY: setup demo test system-deps bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py
+	bash scripts/system-deps.sh
+	bash scripts/make-venv.sh "$(VENV)" "$(TORCH_FALLBACK)"
+	touch $@
+
+demo: setup
+	$(PY) scripts/demo.py
+
+test: setup
+	$(PY) -m pytest tests -ra $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/train_step.py
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,169 @@
+"""Task heads on the DeBERTa encoder: MLM with the Enhanced Mask Decoder, sequence classification /
+regression, multiple choice.
+
+Enhanced Mask Decoder (paper §3.2 and A.8, spec §3): absolute positions enter only here, just before
+the MLM softmax. With H = the input of the last encoder layer (the output of layer L-1) and Z the
+absolute position table,
+
+    q = Z[pos] + H
+    q = last_layer(keys/values = H, query = q)      # twice: n = 2, the last layer's weights both times
+    logits = LMHead(q) = LN(GELU(dense(q))) · word_embeddingsᵀ + bias
+
+The usual output of the last layer is not needed for the MLM loss, so with the EMD on we run the
+encoder up to layer L-1 only.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.encoder import DebertaModel, Output, activation, token_mask
+from model.init import Linear
+
+IGNORE_INDEX = -100  # labels at positions that are not predicted (transformers' convention)
+
+
+class LMHead(nn.Module):
+    """`lm_predictions.lm_head`: dense -> act -> LayerNorm, then the tied word embeddings and a bias."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = Linear(config.hidden_size, config.embed_size, std=config.initializer_range)
+        self.act = activation(config.hidden_act)
+        self.LayerNorm = nn.LayerNorm(config.embed_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden, word_embeddings_weight):
+        h = self.LayerNorm(self.act(self.dense(hidden)))
+        return torch.matmul(h, word_embeddings_weight.t()) + self.bias
+
+
+class MLMPredictions(nn.Module):
+    """Only a namespace, so that the keys read `lm_predictions.lm_head.*` as in the official checkpoints."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.lm_head = LMHead(config)
+
+
+def masked_positions(labels):
+    """Positions to predict, as flat indices into [B*N], and their labels."""
+    flat = labels.reshape(-1)
+    index = torch.nonzero(flat != IGNORE_INDEX, as_tuple=True)[0]
+    return index, flat[index]
+
+
+class DebertaForMaskedLM(nn.Module):
+    """MLM pretraining model. `emd=True` (default) uses the Enhanced Mask Decoder as the official
+    pretraining did; `emd=False` applies the head to the last layer as transformers' DebertaV2ForMaskedLM.
+
+    With labels, logits are computed only at positions whose label is not -100 (the head and its
+    [*, vocab] matmul are most of the cost otherwise) and returned flat: logits [M, V], labels [M]."""
+
+    def __init__(self, config, emd=True, emd_steps=2):
+        super().__init__()
+        self.config = config
+        # absolute positions already in the input make the EMD unnecessary (the official code skips it then)
+        self.emd_steps = emd_steps if emd and not config.position_biased_input else 0
+        self.deberta = DebertaModel(config, position_table=self.emd_steps > 0)
+        self.lm_predictions = MLMPredictions(config)
+
+    def enhanced_mask_decoder(self, hidden_prev, shared, position_ids):
+        encoder = self.deberta.encoder
+        last_layer = encoder.layer[-1]
+        if position_ids is None:
+            position_ids = torch.arange(hidden_prev.shape[1], device=hidden_prev.device)[None]
+        query = self.deberta.embeddings.position_embeddings(position_ids) + hidden_prev
+        for _ in range(self.emd_steps):
+            query = encoder.run_layer(last_layer, hidden_prev, shared, query_states=query)
+        return query
+
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None):
+        """The hidden states the MLM head reads: the EMD output, or the last layer's output."""
+        deberta = self.deberta
+        input_mask = token_mask(input_ids, attention_mask, inputs_embeds)
+        emb = deberta.embeddings(input_ids, input_mask, token_type_ids, position_ids, inputs_embeds)
+        mask = attention_mask if attention_mask is not None and attention_mask.dim() == 3 else input_mask
+        shared = deberta.encoder.attention_inputs(mask, emb.shape[1])
+        if self.emd_steps == 0:
+            return deberta.encoder(emb, input_mask, shared)[-1]
+        num_layers = self.config.num_hidden_layers - 1
+        hidden_prev = deberta.encoder(emb, input_mask, shared, num_layers=num_layers)[-1]
+        return self.enhanced_mask_decoder(hidden_prev, shared, position_ids)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None):
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        word_weight = self.deberta.embeddings.word_embeddings.weight
+        head = self.lm_predictions.lm_head
+        if labels is None:
+            return Output(logits=head(hidden, word_weight))
+        index, targets = masked_positions(labels)
+        logits = head(hidden.reshape(-1, hidden.shape[-1])[index], word_weight)
+        loss = F.cross_entropy(logits.float(), targets)
+        return Output(logits=logits, loss=loss, labels=targets)
+
+
+class ContextPooler(nn.Module):
+    """[CLS] -> dropout(pooler_dropout) -> dense -> act (transformers' and the official ContextPooler)."""
+
+    def __init__(self, config):
+        super().__init__()
+        size = config.pooler_hidden_size or config.hidden_size
+        self.dense = Linear(size, size, std=config.initializer_range)
+        self.dropout = nn.Dropout(config.pooler_dropout)
+        self.act = activation(config.pooler_hidden_act)
+
+    def forward(self, hidden):
+        return self.act(self.dense(self.dropout(hidden[:, 0])))
+
+
+def classification_loss(logits, labels, num_labels):
+    """MSE for one output (regression), cross-entropy on labels >= 0, soft-label CE for 2-D labels."""
+    if num_labels == 1:
+        return F.mse_loss(logits.view(-1).float(), labels.view(-1).float())
+    if labels.dim() == 2 and labels.shape[-1] == num_labels:
+        return -(F.log_softmax(logits.float(), -1) * labels).sum(-1).mean()
+    labels = labels.view(-1).long()
+    keep = labels >= 0
+    if not keep.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[keep].float(), labels[keep])
+
+
+class DebertaForSequenceClassification(nn.Module):
+    def __init__(self, config, num_labels=2):
+        super().__init__()
+        self.config = config
+        self.num_labels = num_labels
+        self.deberta = DebertaModel(config)
+        self.pooler = ContextPooler(config)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = Linear(config.pooler_hidden_size or config.hidden_size, num_labels,
+                                 std=config.initializer_range)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None):
+        hidden = self.deberta(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds).last_hidden_state
+        logits = self.classifier(self.dropout(self.pooler(hidden)))
+        loss = None if labels is None else classification_loss(logits, labels, self.num_labels)
+        return Output(logits=logits, loss=loss, last_hidden_state=hidden)
+
+
+class DebertaForMultipleChoice(nn.Module):
+    """input_ids [B, C, N]: each choice encoded separately, one score each, softmax over the C choices."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.deberta = DebertaModel(config)
+        self.pooler = ContextPooler(config)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = Linear(config.pooler_hidden_size or config.hidden_size, 1, std=config.initializer_range)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, token_type_ids=None, position_ids=None):
+        num_choices = input_ids.shape[1]
+        flat = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731
+        hidden = self.deberta(flat(input_ids), flat(attention_mask), flat(token_type_ids), flat(position_ids)).last_hidden_state
+        logits = self.classifier(self.dropout(self.pooler(hidden))).view(-1, num_choices)
+        loss = None if labels is None else F.cross_entropy(logits.float(), labels.view(-1).long())
+        return Output(logits=logits, loss=loss)

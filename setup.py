@@ -1,0 +1,30 @@
+"""DeBERTa-DS: pretrain and fine-tune DeBERTa-v2 (up to 1.5B) with DeepSpeed."""
+from setuptools import setup
+
+setup(
+    name="deberta-ds",
+    version="0.1.0",
+    description="DeBERTa-v2 pretraining (MLM + EMD) and SuperGLUE fine-tuning (SiFT) on DeepSpeed",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["model", "pipeline"],
+    package_data={"pipeline": ["presets/*.json"]},
+    data_files=[("share/deberta-ds/ds_configs", ["ds_configs/" + n for n in __import__("os").listdir("ds_configs") if n.endswith(".json")])],
+    # A range, not a pin: keep the torch a GPU cluster already has.
+    install_requires=[
+        "torch>=2.1",
+        "deepspeed>=0.15",
+        "sentencepiece>=0.1.99",
+        "datasets>=2.14",
+        "tensorboard>=2.12",
+        "safetensors>=0.4",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        "mpi": ["mpi4py>=3.1"],  # needs a system MPI (Debian: openmpi-bin libopenmpi-dev)
+        "dev": ["pytest>=7", "transformers>=4.46", "accelerate", "protobuf", "tiktoken"],
+    },
+    entry_points={"console_scripts": ["deberta-ds=pipeline.cli:main"]},
+)
