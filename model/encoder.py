@@ -5,8 +5,7 @@ Module and parameter names are transformers' (`embeddings.word_embeddings`, `enc
 self.query_proj`, `encoder.rel_embeddings`, `encoder.LayerNorm`, `encoder.conv.conv`, ...), so a release
 state dict loads with no key mapping.
 """
-from dataclasses import dataclass
-from typing import List, Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,14 +23,19 @@ def activation(name):
     return ACTIVATIONS[name]
 
 
-@dataclass
-class Output:
-    """What every model returns; fields that a model does not compute stay None."""
-    last_hidden_state: Optional[torch.Tensor] = None
-    hidden_states: Optional[List[torch.Tensor]] = None
-    logits: Optional[torch.Tensor] = None
-    loss: Optional[torch.Tensor] = None
-    labels: Optional[torch.Tensor] = None  # the labels the logits are for (MLM: masked positions only)
+class Output(dict):
+    """What every model returns: a dict with attribute access (like transformers' ModelOutput).
+    A dict, not a dataclass, because DeepSpeed's ZeRO-3 hooks look for tensors inside dicts and tuples.
+    Fields: last_hidden_state, hidden_states, logits, loss, labels (MLM: the labels of the logits' rows);
+    a field that a model does not compute reads None."""
+    FIELDS = ("last_hidden_state", "hidden_states", "logits", "loss", "labels")
+
+    def __getattr__(self, name):
+        if name in self:
+            return self[name]
+        if name in Output.FIELDS:
+            return None
+        raise AttributeError(name)
 
 
 class Embeddings(nn.Module):
@@ -140,9 +144,9 @@ class ConvLayer(nn.Module):
         return self.LayerNorm(layer0_output + c) * input_mask.unsqueeze(-1).to(c.dtype)
 
 
-@dataclass
-class AttentionInputs:
-    """What every layer of one forward shares: computed once per forward, not once per layer."""
+class AttentionInputs(NamedTuple):
+    """What every layer of one forward shares: computed once per forward, not once per layer.
+    A NamedTuple so that DeepSpeed's module hooks see the tensors inside."""
     mask4d: torch.Tensor  # bool [B, 1, N, N]
     rel_index: Optional[torch.Tensor]  # long [N, N]
     rel_embeddings: Optional[torch.Tensor]  # [2k, D], normalised
