@@ -21,6 +21,7 @@ setup(
         "safetensors>=0.4",
         "numpy",
         "tqdm",
+        "protobuf",  # the tokenizer edits the sentencepiece model proto (normalizer off)
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1"],  # needs a system MPI (Debian: openmpi-bin libopenmpi-dev)
