@@ -15,12 +15,13 @@ import collections
 import itertools
 import multiprocessing
 import os
+import shutil
 import sys
 
 import numpy as np
 
 from pipeline import shards, sources
-from pipeline.tokenizer import Tokenizer
+from pipeline.tokenizer import Tokenizer, file_sha256
 
 CHUNK_BYTES = 1 << 18  # documents are sent to workers in chunks of about this much text
 
@@ -160,10 +161,22 @@ def finished_parts(output_dir, task_index, num_tasks):
     return part, documents
 
 
+def keep_tokenizer_copy(spm_path, output_dir):
+    """The shard directory carries its tokenizer (spm.model), so pretraining needs only the directory.
+    Array tasks race to write it: each writes a private temporary file and renames it."""
+    target = os.path.join(output_dir, "spm.model")
+    if os.path.exists(target) and file_sha256(target) == file_sha256(spm_path):
+        return
+    tmp = f"{target}.tmp.{os.getpid()}"
+    shutil.copyfile(spm_path, tmp)
+    os.replace(tmp, target)
+
+
 def preprocess(args, task_index, num_tasks):
     """Write this task's shards; return (shards written now, tokens written now)."""
     tokenizer = Tokenizer(args.tokenizer)
     os.makedirs(args.output_dir, exist_ok=True)
+    keep_tokenizer_copy(args.tokenizer, args.output_dir)
     done_marker = shards.task_done_path(args.output_dir, task_index, num_tasks)
     if os.path.exists(done_marker):
         return 0, 0
