@@ -1,0 +1,107 @@
+"""Build the DeepSpeed engine of a pretraining run, in one of two modes over one model definition:
+
+  zero3     the plain `DebertaForMaskedLM` under a DeepSpeedEngine; ZeRO stage from the DeepSpeed config
+            (3 for the 1.5B preset: built under `deepspeed.zero.Init`, so no rank ever holds the full model)
+  pipeline  the same blocks as a PipelineModule (pipeline/pipe.py) with ZeRO-0/1
+
+The optimizer is the paper's: AdamW (β 0.9/0.999, ε 1e-6), weight decay 0.01 except on biases and
+LayerNorm weights, linear warmup then linear decay to zero at max_steps.
+"""
+import sys
+
+import deepspeed
+import torch
+
+from model.heads import DebertaForMaskedLM
+from model.release import normalise_keys, read_state_dict
+from pipeline.run_config import precision, zero_stage
+
+
+def no_decay(name):
+    return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name.lower()
+
+
+def param_groups(module, weight_decay):
+    decay, plain = [], []
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            (plain if no_decay(name) else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def build_optimizer(run, module):
+    groups = param_groups(module, run.weight_decay)
+    if run.optimizer == "cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(groups, lr=run.lr, betas=run.adam_betas, eps=run.adam_eps, adamw_mode=True)
+    fused = torch.cuda.is_available()
+    return torch.optim.AdamW(groups, lr=run.lr, betas=run.adam_betas, eps=run.adam_eps, fused=fused or None)
+
+
+def warmup_linear_decay(run):
+    warmup, total = max(run.warmup_steps, 0), run.max_steps
+
+    def factor(step):
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return factor
+
+
+def torch_checkpoint(function, *args):
+    # non-reentrant: works with integer inputs and with ZeRO-3's parameter hooks
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+
+
+def build_zero3_model(run, ds, model_config, rank):
+    stage = zero_stage(ds)
+    # transformers/dynamo must be imported before zero.Init patches module construction
+    import torch._dynamo  # noqa: F401
+    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=stage == 3):
+        model = DebertaForMaskedLM(model_config, emd=run.emd)
+    if stage == 3:
+        # the MLM decoder reads the word embedding outside the embedding's forward: let ZeRO-3 gather it
+        # for the head's forward. The shared relative table is read through its own forward (encoder.py).
+        deepspeed.zero.register_external_parameter(model.lm_predictions.lm_head,
+                                                   model.deberta.embeddings.word_embeddings.weight)
+    if run.activation_checkpointing:
+        model.deberta.encoder.checkpoint_fn = torch_checkpoint
+    if run.init_from_release:
+        load_release_into(model, run.init_from_release, stage, rank)
+    return model
+
+
+def load_release_into(model, path, stage, rank):
+    """Copy a release's weights into a (possibly ZeRO-3 partitioned) model, one tensor at a time."""
+    state = normalise_keys(read_state_dict(path), source=path)
+    own = dict(model.named_parameters())
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise ValueError(f"{path}: release lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for name, param in own.items():
+        source = state[name]
+        shape = tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
+        if tuple(source.shape) != shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(source.shape)} in the release but {shape} in the model")
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=stage == 3):
+            if rank == 0 or stage != 3:
+                param.data.copy_(source.to(param.dtype))
+
+
+def build_engine(run, ds, model_config, rank):
+    """(engine, module) for the run's mode."""
+    if run.mode == "pipeline":
+        from pipeline.pipe import build_pipeline_module
+        module = build_pipeline_module(model_config, run.pipeline_stages, emd=run.emd,
+                                       activation_checkpointing=run.activation_checkpointing, seed=run.seed)
+        if run.init_from_release:
+            from pipeline.pipe import load_release_into_pipe
+            load_release_into_pipe(module, run.init_from_release, model_config)
+    else:
+        module = build_zero3_model(run, ds, model_config, rank)
+    optimizer = build_optimizer(run, module)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(run))
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    if precision(ds) != "fp32" and rank == 0:
+        print(f"precision {precision(ds)}", file=sys.stderr)
+    return engine, module
