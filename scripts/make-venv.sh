@@ -18,7 +18,7 @@ py="$venv/bin/python"
 if ! "$py" -c "import torch" 2>/dev/null; then
   "$py" -m pip install -q "$torch_fallback"
 fi
-torch_now=$("$py" -c "import torch; print(torch.__version__.split('+')[0])")
+torch_now=$("$py" -c "import torch; print(torch.__version__.split('+')[0])" 2>/dev/null)
 extras="dev"
 if command -v mpicc >/dev/null 2>&1; then extras="dev,mpi"; fi
 # Pin the installed torch so no dependency upgrades it behind the user's back.

@@ -114,11 +114,14 @@ def test_sigusr1_saves_and_exits_75_then_resumes(tiny_shards, tmp_path):
     assert max(losses(tmp_path)) == step + 2
 
 
-def test_bf16_zero3_trains(tiny_shards, tmp_path):
-    result = pretrain(tiny_shards, tmp_path, nproc=2, sets=["max_steps=3"], ds_sets=["bf16.enabled=true"])
+def test_bf16_zero3_trains_and_keeps_the_last_k_checkpoints(tiny_shards, tmp_path):
+    result = pretrain(tiny_shards, tmp_path, nproc=2, sets=["max_steps=3", "save_interval=1", "keep_last=2"],
+                      ds_sets=["bf16.enabled=true"])
     assert result.returncode == 0, explain(result)
     found = losses(tmp_path)
     assert all(0 < found[s] < 20 for s in (1, 2, 3))
+    kept = sorted(d for d in os.listdir(tmp_path / "checkpoints") if d.startswith("global_step"))
+    assert kept == ["global_step2", "global_step3"]
 
 
 def test_model_config_that_differs_from_the_checkpoint_is_refused(zero3_two_ranks, tiny_shards, tmp_path):
