@@ -113,7 +113,7 @@ def check_compatible(meta, model_config_dict, mode, source):
         raise ResumeError(f"{source}: the model config differs from the checkpoint's ({detail})")
     if meta["mode"] != mode:
         raise ResumeError(f"{source}: written in mode {meta['mode']!r}, this run is {mode!r}; convert it first "
-                          f"(deberta-ds convert --to-release, then init_from_release)")
+                          f"(deberta-ds convert to-release, then init_from_release)")
 
 
 def ensure_universal(ckpt_dir, tag, rank):

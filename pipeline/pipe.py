@@ -39,6 +39,15 @@ class WordEmbedding(nn.Module):
                                 std=config.initializer_range).weight
         self.padding_idx = config.pad_token_id
 
+    def forward(self, inputs):
+        """One module at both ends of the pipe, with no forward_fn: DeepSpeed then saves it in the layer files
+        (layer_00 and the last layer's); a TiedLayerSpec with a forward_fn is a plain function to its
+        save_state_dict and the word table would be in no layer file. Token ids come in at the input,
+        float hidden states at the output."""
+        if inputs[0].is_floating_point():
+            return decode_forward(self, inputs)
+        return embed_forward(self, inputs)
+
 
 def embed_forward(module, inputs):
     input_ids, attention_mask, labels = inputs
@@ -166,14 +175,12 @@ def mlm_loss(outputs, _labels):
 def build_pipeline_module(config, num_stages, emd=True, activation_checkpointing=False, seed=None):
     if config.num_hidden_layers < 2:
         raise ValueError("pipeline mode needs at least 2 encoder layers (the first carries the conv, the last the EMD)")
-    specs = [TiedLayerSpec("word_embeddings", WordEmbedding, config, forward_fn=embed_forward,
-                           tied_weight_attr=["weight"]),
+    specs = [TiedLayerSpec("word_embeddings", WordEmbedding, config, tied_weight_attr=["weight"]),
              LayerSpec(EmbeddingTail, config),
              LayerSpec(FirstBlock, config)]
     specs += [LayerSpec(Block, config) for _ in range(config.num_hidden_layers - 2)]
     specs += [LayerSpec(LastBlock, config, emd_steps=2 if emd else 0),
-              TiedLayerSpec("word_embeddings", WordEmbedding, config, forward_fn=decode_forward,
-                            tied_weight_attr=["weight"])]
+              TiedLayerSpec("word_embeddings", WordEmbedding, config, tied_weight_attr=["weight"])]
     return PipelineModule(layers=specs, num_stages=num_stages, loss_fn=mlm_loss,
                           partition_method="type:Block",
                           activation_checkpoint_interval=1 if activation_checkpointing else 0,
@@ -216,7 +223,8 @@ def layer_key_map(config):
                           "LayerNorm.bias": "lm_predictions.lm_head.LayerNorm.bias",
                           "bias": "lm_predictions.lm_head.bias"})
         maps[2 + i] = layer
-    maps[L + 2] = {}  # the tied decoder: the same tensor as layer 0's
+    # the tied decoder: the same tensor as layer 0's (its file holds a copy; the converter checks they agree)
+    maps[L + 2] = {"weight": "deberta.embeddings.word_embeddings.weight"}
     return maps
 
 
