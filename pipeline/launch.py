@@ -33,7 +33,8 @@ rendezvous read. Sources, first match wins:
 5. ``single``: none of the above: rank 0 of 1 at 127.0.0.1, on MASTER_PORT or a free port.
 
 `apply_runtime_defaults(env)` then sets, only where unset (os.environ.setdefault):
-- OMP_NUM_THREADS = SLURM_CPUS_PER_TASK if set, else the CPUs this process may use divided by the
+- OMP_NUM_THREADS = SLURM_CPUS_PER_TASK if set (divided by the ranks on this node when a launcher
+  such as the deepspeed launcher runs as one Slurm task per node and starts the ranks itself), else the CPUs this process may use divided by the
   ranks on this node (at least 1): several ranks with one OpenMP pool each the size of the machine
   thrash.
 - TORCH_NCCL_ASYNC_ERROR_HANDLING=1: a rank whose NCCL collective fails or times out aborts the
@@ -50,7 +51,14 @@ Command line:
   (``host slots=N`` per line) for the current Slurm allocation.
 - ``python -m pipeline.launch env``: print the discovered environment as JSON.
 - ``python -m pipeline.launch check``: discover, export, init torch.distributed (gloo), all_reduce
-  the ranks and print one ``LAUNCH_CHECK ...`` line per rank (slurm/smoke.sbatch runs it).
+  the ranks and print one ``LAUNCH_CHECK ...`` line per rank (slurm/smoke.sbatch runs it). Under
+  ``mpirun`` with mpi4py installed it also compares the discovered rank/size with MPI's own
+  (``mpi_check=ok``); pipeline.launch itself never needs mpi4py.
+- ``python -m pipeline.launch preflight --nodes N --ranks-per-node R -- PRETRAIN-ARGS``: everything
+  `deberta-ds pretrain` checks before it starts (configs, data and tokenizer, batch sizes), for a
+  world of N x R ranks, plus "does the node count fit the pipeline stages". slurm/pretrain.sbatch
+  runs it in the batch shell so a bad job fails in seconds with one clear line, before any srun.
+  Exit 0 = fine, 1 = the message on stderr says what is wrong.
 """
 import argparse
 import dataclasses
@@ -342,6 +350,10 @@ def apply_runtime_defaults(env, environ=None):
     """
     environ = os.environ if environ is None else environ
     cpus = _int(environ, "SLURM_CPUS_PER_TASK", 0)
+    if cpus > 0 and env.source != "slurm":
+        # A launcher (deepspeed --no_ssh, torchrun) running as ONE Slurm task per node started
+        # several ranks: they share that task's CPUs.
+        cpus = max(cpus // max(env.local_world_size, 1), 1)
     if cpus <= 0:
         try:
             usable = len(os.sched_getaffinity(0))
@@ -447,19 +459,78 @@ def main_check():
     total = torch.tensor([env.rank], dtype=torch.int64)
     dist.all_reduce(total)
     dist.barrier()
+    mpi = mpi_cross_check(env)
     print(f"LAUNCH_CHECK rank={env.rank} world_size={env.world_size} local_rank={env.local_rank} "
           f"local_world_size={env.local_world_size} node_rank={env.node_rank} host={socket.gethostname()} "
           f"slurmd_node={os.environ.get('SLURMD_NODENAME', '-')} master={env.master_addr}:{env.master_port} "
-          f"source={env.source} omp_threads={os.environ.get('OMP_NUM_THREADS')} rank_sum={int(total.item())}",
+          f"source={env.source} omp_threads={os.environ.get('OMP_NUM_THREADS')} rank_sum={int(total.item())} "
+          f"mpi_check={mpi.split()[0]}",
           flush=True)
     sys.stderr.flush()
     os._exit(0)
 
 
+def mpi_cross_check(env):
+    """Compare the discovered rank/size with mpi4py's COMM_WORLD (only under an MPI launcher).
+
+    Returns "ok", "skipped (...)" or raises LaunchError on a mismatch. Importing mpi4py calls
+    MPI_Init, so it is done only when an MPI launcher started us, never for srun/torchrun ranks.
+    """
+    if env.source not in ("openmpi", "pmi"):
+        return f"skipped (launched by {env.source})"
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return "skipped (no mpi4py)"
+    comm = MPI.COMM_WORLD
+    if (comm.Get_rank(), comm.Get_size()) != (env.rank, env.world_size):
+        raise LaunchError(f"MPI says rank {comm.Get_rank()} of {comm.Get_size()}, the environment says "
+                          f"rank {env.rank} of {env.world_size}")
+    return "ok"
+
+
+def preflight(argv):
+    """`python -m pipeline.launch preflight --nodes N --ranks-per-node R -- PRETRAIN-ARGS` (docstring)."""
+    from pipeline import pretrain
+    from pipeline.run_config import RunConfig
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.launch preflight")
+    parser.add_argument("--nodes", type=int, required=True, help="nodes of the job")
+    parser.add_argument("--ranks-per-node", type=int, required=True, help="training processes per node")
+    ours, _, rest = [], None, list(argv)
+    if "--" in rest:
+        i = rest.index("--")
+        ours, rest = rest[:i], rest[i + 1:]
+    args = parser.parse_args(ours)
+    pretrain_parser = argparse.ArgumentParser(prog="deberta-ds pretrain")
+    pretrain.add_arguments(pretrain_parser)
+    pargs = pretrain_parser.parse_args(rest)
+    world = args.nodes * args.ranks_per_node
+    try:
+        run_config = RunConfig.from_file(pargs.config, list(pargs.set))
+        stages = run_config.pipeline_stages
+        if world % stages:
+            raise ValueError(
+                f"{args.nodes} node(s) x {args.ranks_per_node} rank(s) per node = {world} ranks, which is not "
+                f"divisible by pipeline_stages {stages}: every pipeline needs {stages} ranks. Use a node count "
+                f"whose rank total is a multiple of {stages} (sbatch --nodes=...), or change pipeline_stages.")
+        pretrain.prepare(pargs, world)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"preflight ok: {world} ranks ({args.nodes} x {args.ranks_per_node}), pipeline_stages {stages}, "
+          f"data {run_config.data_dir if not pargs.data_dir else pargs.data_dir}")
+    return 0
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["preflight"]:
+        return preflight(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m pipeline.launch", description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["env", "check"],
-                        help="env: print the discovered environment as JSON; check: gloo all_reduce smoke test")
+    parser.add_argument("what", choices=["env", "check", "preflight"],
+                        help="env: print the discovered environment as JSON; check: gloo all_reduce smoke test; "
+                        "preflight: validate a pretraining launch (see the module docstring)")
     args = parser.parse_args(argv)
     if args.what == "env":
         print(json.dumps(dataclasses.asdict(discover_env()), sort_keys=True))

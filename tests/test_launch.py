@@ -184,6 +184,10 @@ def test_runtime_defaults_only_fill_gaps():
     environ = {"OMP_NUM_THREADS": "7", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"}
     assert launch.apply_runtime_defaults(env, environ) == {}
     assert environ["OMP_NUM_THREADS"] == "7"
+    # the deepspeed launcher as one Slurm task per node (--cpus-per-task=8) with 4 ranks: 2 threads each
+    environ = {"SLURM_CPUS_PER_TASK": "8"}
+    launch.apply_runtime_defaults(DistEnv(1, 8, 1, 4, 0, "node1", 1, "deepspeed"), environ)
+    assert environ["OMP_NUM_THREADS"] == "2"
     # without Slurm: the usable CPUs split between the ranks of this node, at least 1
     environ = {}
     launch.apply_runtime_defaults(DistEnv(0, 64, 0, 64, 0, "h", 1, "env"), environ)
