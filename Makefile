@@ -21,7 +21,7 @@ test: setup
 	$(PY) -m pytest tests -ra $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) bench/train_step.py
+	$(PY) bench/train_step.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.encoder import DebertaModel, Output, activation, token_mask
+from model.encoder import AttentionInputs, DebertaModel, Output, activation, token_mask
 from model.init import Linear
 
 IGNORE_INDEX = -100  # labels at positions that are not predicted (transformers' convention)
@@ -57,7 +57,8 @@ class DebertaForMaskedLM(nn.Module):
     pretraining did; `emd=False` applies the head to the last layer as transformers' DebertaV2ForMaskedLM.
 
     With labels, logits are computed only at positions whose label is not -100 (the head and its
-    [*, vocab] matmul are most of the cost otherwise) and returned flat: logits [M, V], labels [M]."""
+    [*, vocab] matmul are most of the cost otherwise) and returned flat: logits [M, V], labels [M];
+    the EMD then also runs its query rows at those positions only (exact: see enhanced_mask_decoder)."""
 
     def __init__(self, config, emd=True, emd_steps=2):
         super().__init__()
@@ -67,38 +68,66 @@ class DebertaForMaskedLM(nn.Module):
         self.deberta = DebertaModel(config, position_table=self.emd_steps > 0)
         self.lm_predictions = MLMPredictions(config)
 
-    def enhanced_mask_decoder(self, hidden_prev, shared, position_ids):
+    def enhanced_mask_decoder(self, hidden_prev, shared, position_ids, positions=None):
+        """The EMD's output [B, N, D]; with `positions` (flat indices into B*N, as masked_positions gives)
+        only at those positions, [len(positions), D]. That is exact, not an approximation: keys and values
+        come from hidden_prev, and each query row's output depends on its own query only."""
         encoder = self.deberta.encoder
         last_layer = encoder.layer[-1]
+        B, N = hidden_prev.shape[:2]
         if position_ids is None:
-            position_ids = torch.arange(hidden_prev.shape[1], device=hidden_prev.device)[None]
-        query = self.deberta.embeddings.position_embeddings(position_ids) + hidden_prev
+            position_ids = torch.arange(N, device=hidden_prev.device)[None]
+        if positions is None:
+            query = self.deberta.embeddings.position_embeddings(position_ids) + hidden_prev
+            for _ in range(self.emd_steps):
+                query = encoder.run_layer(last_layer, hidden_prev, shared, query_states=query)
+            return query
+        # The selected rows of each sequence, left-aligned and padded to the longest: rows [B, M]; slot is
+        # each position's column there. Padding slots read row 0 and their outputs are dropped.
+        batch_of, row_of = positions // N, positions % N
+        counts = torch.bincount(batch_of, minlength=B)
+        M = max(int(counts.max()), 1)
+        slot = torch.arange(len(positions), device=positions.device) - (torch.cumsum(counts, 0) - counts)[batch_of]
+        rows = torch.zeros(B, M, dtype=torch.long, device=positions.device)
+        rows[batch_of, slot] = row_of
+        batch = torch.arange(B, device=positions.device)[:, None]
+        query = self.deberta.embeddings.position_embeddings(position_ids.expand(B, N)[batch, rows]) \
+            + hidden_prev[batch, rows]
+        rel_index = shared.rel_index
+        selected = AttentionInputs(shared.mask4d[batch, 0, rows][:, None],  # [B, 1, M, N]
+                                   None if rel_index is None else rel_index[rows] if rel_index.dim() == 2
+                                   else rel_index[batch, rows],
+                                   shared.rel_embeddings)
         for _ in range(self.emd_steps):
-            query = encoder.run_layer(last_layer, hidden_prev, shared, query_states=query)
-        return query
+            query = encoder.run_layer(last_layer, hidden_prev, selected, query_states=query)
+        return query[batch_of, slot]
 
-    def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None):
-        """The hidden states the MLM head reads: the EMD output, or the last layer's output."""
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+               positions=None):
+        """The hidden states the MLM head reads: the EMD output, or the last layer's output; [B, N, D],
+        or [len(positions), D] at `positions` (flat indices into B*N) when given."""
         deberta = self.deberta
         input_mask = token_mask(input_ids, attention_mask, inputs_embeds)
         emb = deberta.embeddings(input_ids, input_mask, token_type_ids, position_ids, inputs_embeds)
         mask = attention_mask if attention_mask is not None and attention_mask.dim() == 3 else input_mask
         shared = deberta.encoder.attention_inputs(mask, emb.shape[1])
         if self.emd_steps == 0:
-            return deberta.encoder(emb, input_mask, shared)[-1]
+            hidden = deberta.encoder(emb, input_mask, shared)[-1]
+            return hidden if positions is None else hidden.reshape(-1, hidden.shape[-1])[positions]
         num_layers = self.config.num_hidden_layers - 1
         hidden_prev = deberta.encoder(emb, input_mask, shared, num_layers=num_layers)[-1]
-        return self.enhanced_mask_decoder(hidden_prev, shared, position_ids)
+        return self.enhanced_mask_decoder(hidden_prev, shared, position_ids, positions)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None):
-        hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
         word_weight = self.deberta.embeddings.word_embeddings.weight
         head = self.lm_predictions.lm_head
         if labels is None:
+            hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
             return Output(logits=head(hidden, word_weight))
         index, targets = masked_positions(labels)
-        logits = head(hidden.reshape(-1, hidden.shape[-1])[index], word_weight)
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, positions=index)
+        logits = head(hidden, word_weight)
         loss = F.cross_entropy(logits.float(), targets)
         return Output(logits=logits, loss=loss, labels=targets)
 

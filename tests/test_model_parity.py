@@ -173,3 +173,66 @@ def test_enhanced_mask_decoder_matches_spec_recipe(impl):
         plain = theirs(input_ids=ids, attention_mask=mask).logits
     assert max_diff_valid(expected, got, mask) <= TOL
     assert max_diff_valid(plain, got, mask) > 1e-3  # the EMD really changes the prediction
+
+
+@pytest.mark.parametrize("impl", ["reference", "sdpa"])
+def test_enhanced_mask_decoder_at_masked_positions_is_exact(impl):
+    """With labels, the EMD runs its query rows at the labelled positions only: the same logits, loss and
+    gradients as the full EMD read at those positions (padding rows, uneven counts per sequence)."""
+    config = CONFIGS["v2"].replace(attention_impl=impl, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    _, ours = hf_and_ours(config, "mlm", emd=True)
+    ids, mask = batch(48, batch_size=3, pad_from=40)
+    labels = torch.full_like(ids, -100)
+    labels[0, [0, 7, 30, 47]] = ids[0, [0, 7, 30, 47]]
+    labels[2, [3, 39]] = ids[2, [3, 39]]  # sequence 1 has none
+    full = ours(input_ids=ids, attention_mask=mask).logits
+    full_loss = torch.nn.functional.cross_entropy(full[labels != -100], labels[labels != -100])
+    full_loss.backward()
+    full_grads = {k: p.grad.clone() for k, p in ours.named_parameters()}
+    ours.zero_grad()
+    out = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    assert (out.logits - full[labels != -100]).abs().max().item() <= TOL
+    assert abs(out.loss.item() - full_loss.item()) <= TOL
+    for key, param in ours.named_parameters():
+        assert (param.grad - full_grads[key]).abs().max().item() <= TOL, key
+
+
+def test_bf16_autocast_follows_fp32():
+    """Mixed precision: the bf16 forward stays close to fp32 (no overflow in the fused bias path)."""
+    _, ours = hf_and_ours(CONFIGS["v2"], "mlm", emd=True)
+    ids, mask = batch(64, pad_from=50)
+    with torch.no_grad():
+        ref = ours(input_ids=ids, attention_mask=mask).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = ours(input_ids=ids, attention_mask=mask).logits
+    assert max_diff_valid(ref, low.float(), mask) <= 0.05 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_skew_reads_each_distance_and_has_exact_gradients(n):
+    from model.attention import Skew
+    x = torch.randn(2, n, 2 * n, dtype=torch.float64, requires_grad=True)
+    y = Skew.apply(x)
+    i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    assert torch.equal(y, x[:, i, n - 1 - i + j])
+    assert torch.autograd.gradcheck(Skew.apply, (x,))
+
+
+def test_softmax_dropout_matmul_matches_autograd_with_the_same_mask():
+    from model.attention import SoftmaxDropoutMatmul
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(2, 3, 6, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    grad = torch.randn(2, 3, 6, 4, dtype=torch.float64, generator=g)
+    torch.manual_seed(5)
+    out = SoftmaxDropoutMatmul.apply(scores, v, 0.3)
+    got = torch.autograd.grad(out, (scores, v), grad)
+    torch.manual_seed(5)  # the same draws give the same mask
+    keep = torch.empty(scores.shape, dtype=torch.bool).bernoulli_(0.7)
+    assert 0 < keep.sum() < keep.numel()
+    ref = torch.matmul(torch.softmax(scores, -1) * keep / 0.7, v)
+    expected = torch.autograd.grad(ref, (scores, v), grad)
+    assert torch.allclose(out, ref, atol=1e-12)
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, atol=1e-12)

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Every check that needs a GPU, in one go (about 8 minutes on one H100/H200), from the repository root:
+#   bash bench/gpu_checks.sh      -> reports in $OUT (or ./gpu_out)
+#  1. the full 1.5B forward, ours vs transformers, fp32 on the GPU (bench/parity_1p5b.py)
+#  2. the GPU benchmark: attention alone and whole training/inference steps vs transformers (bench/gpu.sh)
+#  3. pretraining the 1.5B preset under DeepSpeed ZeRO-3, bf16, one GPU, a few steps (tokens/s, MFU)
+#  4. fp16 with DeepSpeed's dynamic loss scaling (the CPU accelerator has no fp16)
+# Data for 3-4: shards of the demo corpus in $GPU_DATA (512- and 128-token). DeepSpeed and what it needs
+# beyond the machine's image come as wheels in .whl/ when the machine has no network.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu_out}"
+mkdir -p "$OUT"
+GPU_DATA="${GPU_DATA:-.gpu_data}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ! python3 -c "import deepspeed" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+
+echo "== 1. 1.5B parity (fp32, cuda)"
+timeout 150 python3 bench/parity_1p5b.py --device cuda --batch 2 --seq 512 --pad-from 400 2>&1 | tail -5 | tee "$OUT/parity.txt"
+
+echo "== 2. benchmark vs transformers"
+timeout 260 bash bench/gpu.sh 2>&1 | tail -60 > "$OUT/gpu_bench.log"
+cp -f gpu_bench.txt "$OUT/" 2>/dev/null || true
+
+echo "== 3. pretraining the 1.5B preset, ZeRO-3 bf16, 1 GPU"
+rm -rf /tmp/run_xxl
+timeout 200 python3 -m torch.distributed.run --nproc_per_node 1 -m pipeline.pretrain \
+    --config configs/pretrain_xxlarge.json --deepspeed ds_configs/zero3_bf16.json \
+    --data-dir "$GPU_DATA/shards512" --output-dir /tmp/run_xxl \
+    --set global_batch_size=8 --set micro_batch_size=8 --set max_steps=16 --set log_interval=4 \
+    --set save_interval=1000 --set warmup_steps=4 2>&1 | grep -v "^\[20" | tail -15 | tee "$OUT/pretrain_xxlarge.txt"
+
+echo "== 4. fp16 with dynamic loss scaling (tiny model, 2 modes)"
+for mode in zero3 pipeline; do
+    rm -rf /tmp/run_fp16_$mode
+    ds=ds_configs/cpu_zero3_fp32.json; [ $mode = pipeline ] && ds=ds_configs/cpu_pipeline_fp32.json
+    timeout 90 python3 -m torch.distributed.run --nproc_per_node 1 -m pipeline.pretrain \
+        --config configs/pretrain_tiny_cpu.json --deepspeed $ds --data-dir "$GPU_DATA/shards128" \
+        --output-dir /tmp/run_fp16_$mode --set mode=$mode --set max_steps=30 --set log_interval=10 \
+        --ds fp16.enabled=true --ds fp16.initial_scale_power=16 2>&1 | grep -v "^\[20" | tail -6 \
+        | tee "$OUT/fp16_$mode.txt"
+done
+ls -la "$OUT"
