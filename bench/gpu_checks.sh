@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, in one go (about 8 minutes on one H100/H200), from the repository root:
+# Every check that needs a GPU, in one go (about 8 minutes on one H100/H200; each part has its own time limit), from the repository root:
 #   bash bench/gpu_checks.sh      -> reports in $OUT (or ./gpu_out)
 #  1. the full 1.5B forward, ours vs transformers, fp32 on the GPU (bench/parity_1p5b.py)
 #  2. the GPU benchmark: attention alone and whole training/inference steps vs transformers (bench/gpu.sh)
@@ -20,15 +20,15 @@ fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 
 echo "== 1. 1.5B parity (fp32, cuda)"
-timeout 150 python3 bench/parity_1p5b.py --device cuda --batch 2 --seq 512 --pad-from 400 2>&1 | tail -5 | tee "$OUT/parity.txt"
+timeout 80 python3 bench/parity_1p5b.py --device cuda --batch 2 --seq 512 --pad-from 400 2>&1 | tail -5 | tee "$OUT/parity.txt"
 
 echo "== 2. benchmark vs transformers"
-timeout 260 bash bench/gpu.sh 2>&1 | tail -60 > "$OUT/gpu_bench.log"
+timeout 230 bash bench/gpu.sh 2>&1 | tail -60 > "$OUT/gpu_bench.log"
 cp -f gpu_bench.txt "$OUT/" 2>/dev/null || true
 
 echo "== 3. pretraining the 1.5B preset, ZeRO-3 bf16, 1 GPU"
 rm -rf /tmp/run_xxl
-timeout 200 python3 -m torch.distributed.run --nproc_per_node 1 -m pipeline.pretrain \
+timeout 130 python3 -m torch.distributed.run --nproc_per_node 1 -m pipeline.pretrain \
     --config configs/pretrain_xxlarge.json --deepspeed ds_configs/zero3_bf16.json \
     --data-dir "$GPU_DATA/shards512" --output-dir /tmp/run_xxl \
     --set global_batch_size=8 --set micro_batch_size=8 --set max_steps=16 --set log_interval=4 \
@@ -38,7 +38,7 @@ echo "== 4. fp16 with dynamic loss scaling (tiny model, 2 modes)"
 for mode in zero3 pipeline; do
     rm -rf /tmp/run_fp16_$mode
     ds=ds_configs/cpu_zero3_fp32.json; [ $mode = pipeline ] && ds=ds_configs/cpu_pipeline_fp32.json
-    timeout 90 python3 -m torch.distributed.run --nproc_per_node 1 -m pipeline.pretrain \
+    timeout 45 python3 -m torch.distributed.run --nproc_per_node 1 -m pipeline.pretrain \
         --config configs/pretrain_tiny_cpu.json --deepspeed $ds --data-dir "$GPU_DATA/shards128" \
         --output-dir /tmp/run_fp16_$mode --set mode=$mode --set max_steps=30 --set log_interval=10 \
         --ds fp16.enabled=true --ds fp16.initial_scale_power=16 2>&1 | grep -v "^\[20" | tail -6 \
