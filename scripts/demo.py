@@ -48,7 +48,7 @@ def boolq_from_corpus(corpus_dir, out_dir, seed=0):
     passages = []
     for name in sorted(os.listdir(corpus_dir)):
         with open(os.path.join(corpus_dir, name), encoding="utf-8") as f:
-            passages += [line.strip()[:400] for line in f if 80 < len(line.strip())]
+            passages += [line.strip()[:240] for line in f if 80 < len(line.strip())]  # fits 128 tokens
     rng = random.Random(seed)
     rng.shuffle(passages)
     with_word = [p for p in passages if f" {KEYWORD} " in p][:300]
@@ -99,7 +99,7 @@ def main():
     step("6. fine-tune BoolQ-format task with SiFT",
          cli("finetune", "--task", "BoolQ", "--release", release, "--data-dir", os.path.join(OUT, "superglue"),
              "--output-dir", os.path.join(OUT, "finetune"), "--deepspeed", "ds_configs/finetune_cpu.json",
-             "--epochs", "4", "--batch-size", "16", "--lr", "1e-3", "--warmup-steps", "10", "--max-seq-len", "128",
+             "--epochs", "6", "--batch-size", "16", "--lr", "1e-3", "--warmup-steps", "10", "--max-seq-len", "128",
              "--sift", "on", "--sift-lambda", "1"), "finetune.log")
     step("7. predict: leaderboard submission file",
          cli("predict", "--task", "BoolQ", "--model", os.path.join(OUT, "finetune", "best"), "--data-dir",
@@ -113,9 +113,13 @@ def main():
     print(f"   shards      {shards}")
     print(f"   pretraining {steps} steps: MLM+EMD loss {first:.3f} (first 10 steps) -> {last:.3f} (last 10)"
           f"; checkpoints in run/checkpoints, TensorBoard in run/tensorboard")
+    with open(os.path.join(OUT, "logs", "convert.log")) as f:
+        verified = [line.strip() for line in f if line.startswith("verify:")]
     print(f"   release     {release} (loads with transformers.AutoModelForMaskedLM)")
+    for line in verified:
+        print(f"               {line}")
     print(f"   fine-tuning BoolQ-format task ({sizes['train']} train / {sizes['val']} val): "
-          f"best val {json.dumps(finetune.get('best', finetune.get('best_scores', '')))}")
+          f"best val accuracy {finetune['best']['val']['accuracy']:.2f} (epoch {finetune['best']['epoch']})")
     print(f"   submission  {os.path.join(OUT, 'submission', 'BoolQ.jsonl')}")
     print(f"   total time  {time.time() - started:.0f} s")
     if not last < first:
