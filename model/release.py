@@ -11,6 +11,7 @@ Anything missing, unexpected or mis-shaped is an error naming the key (and both 
 silently re-initialised. The one exception is a task head (pooler/classifier) that the release does
 not have: it is new by definition when fine-tuning starts from a pretrained release, and we say so.
 """
+import contextlib
 import json
 import os
 import shutil
@@ -244,6 +245,26 @@ def write_tokenizer_files(out_dir, spm_path):
         json.dump(tokenizer_config, f, indent=2)
 
 
+@contextlib.contextmanager
+def staged_directory(out_dir):
+    """A temporary directory beside out_dir that replaces out_dir when the block succeeds and is removed
+    when it fails: a release directory is either complete or absent."""
+    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-release-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a release is for others to read
+    try:
+        yield tmp
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_release(model, out_dir, spm_path=None, dtype=torch.float32, max_shard_size="5GB", config=None,
                  tensors=None, num_labels=None):
     """Write a release directory under a temporary name, then rename it into place.
@@ -252,10 +273,7 @@ def save_release(model, out_dir, spm_path=None, dtype=torch.float32, max_shard_s
     converter streams them from a training checkpoint); then `config` is required."""
     config = config or model.config
     task = task_of(model) if model is not None else "mlm"
-    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-release-", dir=parent)
-    try:
+    with staged_directory(out_dir) as tmp:
         values = config.to_dict()
         values["architectures"] = [ARCHITECTURES[task]]
         values["torch_dtype"] = str(dtype).replace("torch.", "")
@@ -269,10 +287,4 @@ def save_release(model, out_dir, spm_path=None, dtype=torch.float32, max_shard_s
         write_safetensors(cast, tmp, parse_size(max_shard_size))
         if spm_path:
             write_tokenizer_files(tmp, spm_path)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -26,16 +26,13 @@ time (plus whatever pages of the memory-mapped source the kernel keeps).
 """
 import contextlib
 import glob
-import hashlib
 import io
 import json
 import os
 import re
 import resource
-import shutil
 import struct
 import sys
-import tempfile
 import time
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 1
@@ -440,18 +437,11 @@ def write_release(tensors, config, emd, tmp, dtype, max_shard_bytes, source):
 
 
 # ---------------------------------------------------------------- tokenizer
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def find_tokenizer(meta, given):
     """The spm.model to ship: --tokenizer, else the run's (tokenizer or data_dir/spm.model); checked against
     the fingerprint the run recorded."""
     from model.release import CheckpointError
+    from pipeline.tokenizer import file_sha256
     run = meta.get("run_config") or {}
     candidates = [given] if given else [p for p in (run.get("tokenizer"),
                                                      os.path.join(run.get("data_dir") or "", "spm.model")) if p]
@@ -461,8 +451,8 @@ def find_tokenizer(meta, given):
                               f"{'does' if given else 'do'} not exist; give --tokenizer spm.model (the shard "
                               "directory's spm.model)")
     want = meta.get("tokenizer_sha256")
-    if want and sha256(found) != want:
-        raise CheckpointError(f"{found}: sha256 {sha256(found)[:16]}... is not the tokenizer this run trained with "
+    if want and file_sha256(found) != want:
+        raise CheckpointError(f"{found}: sha256 {file_sha256(found)[:16]}... is not the tokenizer this run trained with "
                               f"({want[:16]}...); give the run's spm.model with --tokenizer")
     return found
 
@@ -510,7 +500,7 @@ def to_release(args):
     import torch
 
     from model.config import DebertaConfig
-    from model.release import CheckpointError, parse_size, write_tokenizer_files
+    from model.release import CheckpointError, parse_size, staged_directory, write_tokenizer_files
     out = os.path.abspath(args.output)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not args.overwrite:
         raise CheckpointError(f"{out}: exists and is not empty (give --overwrite to replace it)")
@@ -529,13 +519,7 @@ def to_release(args):
     print(f"convert: {tag_dir} ({kind}, mode {meta['mode']}, step {meta.get('step')}) -> {out} ({args.dtype})",
           file=sys.stderr)
 
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-release-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a release is for others to read
-    try:
+    with staged_directory(out) as tmp:
         count, nbytes, seconds = write_release(tensors, config, emd, tmp, dtype, max_shard, tag_dir)
         values = config.to_dict()
         values["torch_dtype"] = DTYPES[args.dtype]
@@ -544,12 +528,6 @@ def to_release(args):
         write_tokenizer_files(tmp, spm)
         if args.verify:
             verify(tmp, emd)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     print(f"convert: wrote {count} tensors, {nbytes / 1e9:.3f} GB in {seconds:.1f} s "
           f"({count / max(seconds, 1e-9):.1f} tensors/s, {nbytes / 1e9 / max(seconds, 1e-9):.3f} GB/s); "

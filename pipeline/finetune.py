@@ -475,7 +475,7 @@ def finetune(args):
             best = record
             save_best(engine, best_dir, spm_path, args.save_dtype, rank)
         log(f"epoch {epoch}: train loss {train_loss:.4f} (task {task_loss:.4f}"
-            + (f", adv {adv_loss:.4f}" if sift.enabled else "") + f"), val "
+            + (f", adv {adv_loss:.4f}" if sift.enabled else "") + "), val "
             + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()) + (" (best, saved)" if improved else ""))
 
     summary = {"task": task.name, "start": args.release or args.init_from_mnli,

@@ -17,7 +17,6 @@ import math
 import os
 import signal
 import sys
-import time
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_REQUEUE = 0, 1, 3, 75
 

@@ -63,13 +63,7 @@ class RunConfig:
 
     @classmethod
     def from_file(cls, path, overrides=()):
-        try:
-            with open(path, encoding="utf-8") as f:
-                values = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: run config not found") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        values = read_json(path, "run config")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known - {"comment"})
         if unknown:
@@ -107,6 +101,16 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+def read_json(path, what):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
 def parse_override(item):
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not key=value")
@@ -128,13 +132,7 @@ def set_dotted(values, key, value):
 
 # ---------------------------------------------------------------- the DeepSpeed config
 def load_ds_config(path, overrides=()):
-    try:
-        with open(path, encoding="utf-8") as f:
-            ds = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: DeepSpeed config not found") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    ds = read_json(path, "DeepSpeed config")
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(ds, key, value)

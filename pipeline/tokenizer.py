@@ -12,7 +12,6 @@ run sentencepiece with its normalizer switched off (identity rule, no whitespace
 the same pieces at sentencepiece's speed. Literal special-token strings ("[MASK]", "[CLS]", ...) in the
 text are matched as special tokens, as transformers does, unless `split_special_tokens=True`.
 """
-import argparse
 import hashlib
 import os
 import random

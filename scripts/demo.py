@@ -109,7 +109,7 @@ def main():
     with open(os.path.join(OUT, "finetune", "metrics.json")) as f:
         finetune = json.load(f)
     print("\n== what the demo produced (all under", OUT + ")")
-    print(f"   tokenizer   spm.model (1000 pieces + [MASK])")
+    print("   tokenizer   spm.model (1000 pieces + [MASK])")
     print(f"   shards      {shards}")
     print(f"   pretraining {steps} steps: MLM+EMD loss {first:.3f} (first 10 steps) -> {last:.3f} (last 10)"
           f"; checkpoints in run/checkpoints, TensorBoard in run/tensorboard")
