@@ -9,7 +9,8 @@ pipeline/launch.py finds rank, world size and master address in whichever enviro
 It resumes from the newest finished checkpoint in RUN/checkpoints by itself (on another number of
 ranks through DeepSpeed's universal format). On SIGTERM or SIGUSR1 it finishes the step, saves a
 checkpoint and exits with code 75 (EX_TEMPFAIL: "checkpointed; run me again"), which the Slurm scripts
-turn into a requeue. Exit codes: 0 done, 1 bad input/config, 2 usage, 3 too many non-finite steps, 75 as above.
+turn into a requeue. Exit codes: 0 done, 1 bad input/config, 2 usage, 3 non-finite loss (fp32/bf16) or
+max_nonfinite_steps skipped steps in a row (fp16), 75 as above.
 """
 import argparse
 import json
@@ -210,18 +211,20 @@ def train(run, ds, env):
     kill_at = int(os.environ.get("DEBERTA_DS_FAULT_KILL_AT_STEP", "0"))  # fault injection for resume tests
     meta_out = {"model_config": model_config.to_dict(), "mode": run.mode, "pipeline_stages": run.pipeline_stages,
                 "dp_size": dp_size, "run_config": run.to_dict(), "tokenizer_sha256": tokenizer.fingerprint}
-    data_iter = iter(loader)
+    data_iter = iter(loader) if run.mode != "pipeline" else pipeline_batches(iter(loader))
     nonfinite_in_a_row = 0
     code = EXIT_OK
     while step < run.max_steps:
+        skipped_before = getattr(engine, "skipped_steps", 0)
         if run.mode == "pipeline":
-            loss, accuracy = pipeline_step(engine, data_iter, device), None
+            loss, accuracy = engine.train_batch(data_iter=data_iter).item(), None  # already averaged over DP
         else:
             loss, accuracy = zero_step(engine, data_iter, ds["gradient_accumulation_steps"], device)
+            loss = mean_over_ranks(loss, device)
         step += 1
-        loss = mean_over_ranks(loss, device) if run.mode != "pipeline" else loss
-        skipped = engine.skipped_steps if hasattr(engine, "skipped_steps") else 0
-        if not math.isfinite(loss):
+        skipped = getattr(engine, "skipped_steps", 0)
+        # fp16: DeepSpeed skips a step whose loss or gradients overflowed (and lowers the loss scale)
+        if not math.isfinite(loss) or skipped > skipped_before:
             nonfinite_in_a_row += 1
         else:
             nonfinite_in_a_row = 0
@@ -233,7 +236,7 @@ def train(run, ds, env):
             monitor.log(step, values)
         if nonfinite_in_a_row and (precision(ds) != "fp16" or nonfinite_in_a_row >= run.max_nonfinite_steps):
             if rank == 0:
-                print(f"error: {nonfinite_in_a_row} non-finite loss(es) in a row at step {step} "
+                print(f"error: {nonfinite_in_a_row} non-finite or skipped step(s) in a row at step {step} "
                       f"({precision(ds)}); stopping without saving. Resume from the last checkpoint with a lower "
                       f"lr or bf16.", file=sys.stderr)
             code = EXIT_NONFINITE
@@ -272,16 +275,11 @@ def zero_step(engine, data_iter, accumulation, device):
     return sum(losses) / len(losses), correct / max(predicted, 1)
 
 
-def pipeline_step(engine, data_iter, device):
-    """One optimizer step of the pipeline engine (it runs the micro-batches itself)."""
-    def batches():
-        while True:
-            batch = next(data_iter)
-            inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
-            yield inputs, batch["labels"]
-    if not hasattr(engine, "_deberta_batches"):
-        engine._deberta_batches = batches()
-    return engine.train_batch(data_iter=engine._deberta_batches).item()
+def pipeline_batches(batches):
+    """The pipeline engine's micro-batch format: (inputs for the first stage, labels for the loss). The
+    labels also travel inside the inputs: the last block selects the masked positions with them."""
+    for batch in batches:
+        yield (batch["input_ids"], batch["attention_mask"], batch["labels"]), batch["labels"]
 
 
 def _grad_norm(engine):
