@@ -65,9 +65,7 @@ def weight_files(path):
 def iter_tensors(files):
     """Yield (key, tensor) one file at a time, so a sharded release never needs to be in memory twice."""
     for file in files:
-        if not os.path.exists(file):
-            raise CheckpointError(f"{file}: shard listed in the index is missing")
-        try:
+        with _reading(file):
             if file.endswith(".safetensors"):
                 from safetensors import safe_open
                 with safe_open(file, framework="pt") as f:
@@ -76,34 +74,107 @@ def iter_tensors(files):
             else:
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
                 yield from state.items()
-        except CheckpointError:
-            raise
-        except Exception as e:  # safetensors/torch raise many types for truncated or corrupt files
-            raise CheckpointError(f"{file}: cannot read tensors ({type(e).__name__}: {e})") from None
+
+
+@contextlib.contextmanager
+def _reading(file):
+    """Turn whatever safetensors/torch raise for a missing, truncated or corrupt file into a CheckpointError."""
+    if not os.path.exists(file):
+        raise CheckpointError(f"{file}: shard listed in the index is missing")
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors/torch raise many types for truncated or corrupt files
+        raise CheckpointError(f"{file}: cannot read tensors ({type(e).__name__}: {e})") from None
 
 
 def read_state_dict(path):
     return dict(iter_tensors(weight_files(path)))
 
 
+class TensorRef:
+    """One tensor of a release, not yet read: its file, its key there and its shape (from the header).
+
+    `load()` reads just this tensor: from a safetensors file into memory of its own (`fresh`); from a
+    pytorch_model.bin, memory-mapped once (torch.load(mmap=True)) and shared by its refs, a view of the
+    mapping (only the pages read are loaded; the caller copies what it keeps)."""
+
+    def __init__(self, file, key, shape, bin_state=None):
+        self.file, self.key, self.shape, self._bin_state = file, key, torch.Size(shape), bin_state
+        self.fresh = bin_state is None  # load() returns memory of its own (not a view of a mapping)
+
+    def load(self):
+        with _reading(self.file):
+            if self._bin_state is not None:
+                return self._bin_state[self.key]
+            from safetensors import safe_open
+            try:
+                # pread: the tensor gets memory of its own. safetensors' default (mmap) returns a view
+                # of a file mapping, which must not become a trainable parameter.
+                handle = safe_open(self.file, framework="pt", backend="pread")
+            except TypeError:  # safetensors before 0.8 has only the mapping: copy out of it
+                with safe_open(self.file, framework="pt") as f:
+                    return f.get_tensor(self.key).clone()
+            with handle as f:
+                return f.get_tensor(self.key)
+
+
+def index_tensors(path):
+    """{key: TensorRef} of a release directory, reading headers only (no tensor data)."""
+    refs = {}
+    for file in weight_files(path):
+        with _reading(file):
+            if file.endswith(".safetensors"):
+                from safetensors import safe_open
+                with safe_open(file, framework="pt") as f:
+                    for key in f.keys():
+                        refs[key] = TensorRef(file, key, f.get_slice(key).get_shape())
+            else:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                for key, tensor in state.items():
+                    refs[key] = TensorRef(file, key, tensor.shape, bin_state=state)
+    return refs
+
+
+def materialise(value):
+    """A tensor from a state-dict value: a tensor itself, or a TensorRef read now."""
+    return value.load() if isinstance(value, TensorRef) else value
+
+
 # ---------------------------------------------------------------- key layouts
-def normalise_keys(state, source="checkpoint"):
-    """Any accepted layout -> ours: `deberta.*` + `lm_predictions.lm_head.*` + task head keys."""
-    out = {}
-    for key, tensor in state.items():
-        if key.startswith(IGNORED_PREFIXES) or key.endswith("position_ids"):
-            continue
-        if key in TIED_LEGACY:
-            continue  # checked against the tensors it is tied to below
-        key = LEGACY_HEAD.get(key, key)
-        if key.startswith(("embeddings.", "encoder.")):
-            key = "deberta." + key
-        out[key] = tensor
-    decoder = state.get("cls.predictions.decoder.weight")
-    word = out.get("deberta.embeddings.word_embeddings.weight")
-    if decoder is not None and word is not None and not torch.equal(decoder, word):
+def normalise_key(key):
+    """A release key in our layout, or None for keys we do not load (ignored heads, tied legacy copies)."""
+    if key.startswith(IGNORED_PREFIXES) or key.endswith("position_ids"):
+        return None
+    if key in TIED_LEGACY:
+        return None  # checked against the tensors it is tied to (check_legacy_tie)
+    key = LEGACY_HEAD.get(key, key)
+    if key.startswith(("embeddings.", "encoder.")):
+        key = "deberta." + key
+    return key
+
+
+def check_legacy_tie(decoder, word, source):
+    """transformers' legacy decoder weight must equal the word embeddings: our model ties them."""
+    if decoder is not None and word is not None and not torch.equal(materialise(decoder), materialise(word)):
         raise CheckpointError(f"{source}: cls.predictions.decoder.weight differs from the word embeddings it "
                               "should be tied to; this model ties them")
+
+
+def normalise_keys(state, source="checkpoint", check_tie=True):
+    """Any accepted layout -> ours: `deberta.*` + `lm_predictions.lm_head.*` + task head keys.
+
+    Values may be tensors or TensorRefs (then check_tie=False defers the tie check, which has to read
+    two tensors, to the caller: see load_release)."""
+    out = {}
+    for key, tensor in state.items():
+        ours = normalise_key(key)
+        if ours is not None:
+            out[ours] = tensor
+    if check_tie:
+        check_legacy_tie(state.get("cls.predictions.decoder.weight"),
+                         out.get("deberta.embeddings.word_embeddings.weight"), source)
     return out
 
 
@@ -113,7 +184,12 @@ def model_keys(model, task):
     return {prefix + k: v for k, v in model.state_dict().items()}
 
 
-def check_and_load(model, task, state, source, allow_new_head=False):
+def check_and_load(model, task, state, source, allow_new_head=False, dtype=None):
+    """Check `state` (tensors or TensorRefs) against the model, then load it.
+
+    A model built by `empty_model` (parameters on the meta device) takes the tensors themselves
+    (load_state_dict(assign=True)): each is read once, cast to the parameter's dtype (or `dtype`) and
+    becomes the parameter, so the weights are in memory once. A real model gets them copied in."""
     expected = model_keys(model, task)
     missing = [k for k in expected if k not in state]
     new_head = [k for k in missing if allow_new_head and k.startswith(NEW_HEAD_PREFIXES)]
@@ -133,11 +209,58 @@ def check_and_load(model, task, state, source, allow_new_head=False):
     if problems:
         raise CheckpointError(f"{source}: does not fit the {task} model: " + "; ".join(problems))
     prefix = "deberta." if task == "base" else ""
-    own = {k[len(prefix):]: state[k] for k in expected if k in state}
-    model.load_state_dict(own, strict=not new_head)
+    on_meta = any(t.is_meta for t in expected.values())
+    own = {}
+    for key, target in expected.items():
+        if key not in state:
+            continue
+        source = state[key]
+        tensor = materialise(source)
+        if on_meta:
+            # The tensor becomes the parameter: it must be owned, contiguous memory of the model's dtype
+            # (a bf16 release still loads as an fp32 model, as copying did). safetensors' get_tensor
+            # returns a fresh tensor; a caller's tensor or a view into a mapped .bin file is copied.
+            converted = tensor.to(dtype or target.dtype)
+            fresh = converted is not tensor or (isinstance(source, TensorRef) and source.fresh)
+            tensor = converted.contiguous() if fresh else converted.clone(memory_format=torch.contiguous_format)
+        own[key[len(prefix):]] = tensor
+        del tensor
+    model.load_state_dict(own, strict=not new_head, assign=on_meta)
+    del own
+    if on_meta:
+        materialise_rest(model)
     if new_head:
         print(f"{source}: new task head, initialised randomly: {', '.join(new_head)}", file=sys.stderr)
     return model
+
+
+def materialise_rest(model):
+    """Give every parameter still on the meta device (a new task head) real memory and its initialisation."""
+    for name, module in model.named_modules():
+        if any(p.is_meta for p in module.parameters(recurse=False)):
+            module.to_empty(device="cpu", recurse=False)
+            if not hasattr(module, "reset_parameters"):
+                raise CheckpointError(f"{name}: parameters not in the release and no way to initialise them")
+            module.reset_parameters()
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Build modules with their parameters on the meta device (no memory, no initialisation) while
+    buffers stay real (they may be computed in a constructor and are not always in a release)."""
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            kwargs = {"requires_grad": param.requires_grad}
+            module._parameters[name] = type(param)(param.to("meta"), **kwargs)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
 
 
 # ---------------------------------------------------------------- building
@@ -165,7 +288,9 @@ def load_release(path, task="base", num_labels=None, emd=True, attention_impl=No
     config = DebertaConfig.from_json(os.path.join(path, "config.json"))
     if attention_impl:
         config = config.replace(attention_impl=attention_impl)
-    state = normalise_keys(read_state_dict(path), source=path)
+    # Headers only: the tensors are read one at a time while loading, each straight into its parameter.
+    refs = index_tensors(path)
+    state = normalise_keys(refs, source=path, check_tie=False)
     has_table = POSITION_TABLE in state
     if task == "mlm" and emd and not has_table and not config.position_biased_input:
         print(f"{path}: no absolute position table ({POSITION_TABLE}); the MLM head reads the last layer "
@@ -173,10 +298,15 @@ def load_release(path, task="base", num_labels=None, emd=True, attention_impl=No
     use_emd = task == "mlm" and emd and has_table
     if has_table and not config.position_biased_input and task != "base" and not use_emd:
         state.pop(POSITION_TABLE)  # only the EMD reads it; the base model keeps it for exact round trips
-    model = build_model(config, task, num_labels, position_table=has_table, emd=use_emd)
-    check_and_load(model, task, state, source=path, allow_new_head=task in ("classification", "multiple_choice"))
+    # reads the word embeddings twice (a transient copy of one tensor): only for transformers' legacy layout
+    check_legacy_tie(refs.get("cls.predictions.decoder.weight"), state.get("deberta.embeddings.word_embeddings.weight"),
+                     path)
+    with parameters_on_meta():  # no memory and no random initialisation for weights about to be replaced
+        model = build_model(config, task, num_labels, position_table=has_table, emd=use_emd)
+    check_and_load(model, task, state, source=path, allow_new_head=task in ("classification", "multiple_choice"),
+                   dtype=dtype)
     if dtype is not None:
-        model = model.to(dtype)
+        model = model.to(dtype)  # the new task head and buffers; loaded weights already have it
     return model.eval()
 
 

@@ -13,7 +13,7 @@ import deepspeed
 import torch
 
 from model.heads import DebertaForMaskedLM
-from model.release import normalise_keys, read_state_dict
+from model.release import CheckpointError, check_legacy_tie, index_tensors, materialise, normalise_keys
 from pipeline.run_config import precision, zero_stage
 
 
@@ -72,20 +72,45 @@ def build_zero3_model(run, ds, model_config, rank):
 
 
 def load_release_into(model, path, stage, rank):
-    """Copy a release's weights into a (possibly ZeRO-3 partitioned) model, one tensor at a time."""
-    state = normalise_keys(read_state_dict(path), source=path)
+    """Copy a release's weights into a (possibly ZeRO-3 partitioned) model, one tensor at a time.
+
+    The release's headers give every rank the keys and shapes to check; the tensors themselves are read
+    one by one, right before their copy, so no rank holds the release as a whole. Under ZeRO-3 only rank 0
+    reads them: GatheredParameters(modifier_rank=0) broadcasts rank 0's values to all ranks when the block
+    exits and then re-partitions (deepspeed/runtime/zero/partition_parameters.py, GatheredParameters._exit).
+    """
+    refs = index_tensors(path)
+    state = normalise_keys(refs, source=path, check_tie=False)
+    reads_tensors = stage != 3 or rank == 0
+    tie_error = None
+    if reads_tensors:
+        try:
+            check_legacy_tie(refs.get("cls.predictions.decoder.weight"),
+                             state.get("deberta.embeddings.word_embeddings.weight"), path)
+        except CheckpointError as error:
+            tie_error = str(error)
+    if stage == 3 and torch.distributed.is_initialized():
+        # every rank must stop on a bad release, not only the one that read it (the others would wait
+        # in the first collective)
+        shared = [tie_error]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        tie_error = shared[0]
+    if tie_error:
+        raise CheckpointError(tie_error)
     own = dict(model.named_parameters())
     missing = [k for k in own if k not in state]
     if missing:
         raise ValueError(f"{path}: release lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     for name, param in own.items():
-        source = state[name]
         shape = tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
-        if tuple(source.shape) != shape:
-            raise ValueError(f"{path}: {name} has shape {tuple(source.shape)} in the release but {shape} in the model")
+        if tuple(state[name].shape) != shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(state[name].shape)} in the release but {shape} in the model")
+    for name, param in own.items():
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=stage == 3):
-            if rank == 0 or stage != 3:
+            if reads_tensors:
+                source = materialise(state[name])
                 param.data.copy_(source.to(param.dtype))
+                del source  # one release tensor in memory at a time
 
 
 def build_engine(run, ds, model_config, rank):

@@ -19,6 +19,9 @@ table of all epochs is printed and written to OUT/metrics.json.
 
 SiFT (pipeline/sift.py): `--sift auto` (default) follows the preset only for the 1.5B model, as in the
 paper ("we only apply SiFT to DeBERTa1.5B on SuperGLUE tasks"); `--sift on|off` decides explicitly.
+Under ZeRO-3 SiFT's ascent pass, which calls the plain module rather than the engine, still sees whole
+parameters: DeepSpeed gathers them in hooks on the module's submodules, not in the engine's forward
+(tests/test_finetune_distributed.py: 2 ranks with ZeRO-2 and ZeRO-3 train like one process).
 
 Starting from an MNLI-fine-tuned release (`--init-from-mnli DIR`, for RTE, CB, COPA): the encoder and
 pooler come from the MNLI model, and each output of the new classifier from the MNLI classifier row

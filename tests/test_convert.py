@@ -286,3 +286,31 @@ def test_truncated_pipeline_layer_file_is_named(pipe_run, tmp_path, capsys):
     layer = ckpt / "global_step1" / "layer_03-model_states.pt"
     layer.write_bytes(layer.read_bytes()[:3000])
     refuses(capsys, ckpt, tmp_path / "out", "layer_03-model_states.pt: cannot read", "--source", "layers")
+
+
+def test_init_from_release_reads_each_tensor_once_and_only_on_rank_0_under_zero3(start, monkeypatch):
+    """engine.load_release_into streams: headers for the checks, then one tensor per parameter, read right
+    before its copy; under ZeRO-3 the other ranks read no tensor at all (GatheredParameters(modifier_rank=0)
+    broadcasts rank 0's values: the 2-rank run above starts from this release with the plain model's loss).
+    GatheredParameters is replaced here by a no-op so that one process can play both ranks."""
+    import contextlib
+
+    from model import release
+    from pipeline import engine
+
+    reads = []
+    load = release.TensorRef.load
+    monkeypatch.setattr(release.TensorRef, "load", lambda self: reads.append(self.key) or load(self))
+    monkeypatch.setattr(engine.deepspeed.zero, "GatheredParameters", lambda *a, **k: contextlib.nullcontext())
+    reference = load_release(str(start["official"]), task="mlm")
+    reads.clear()
+    for rank in (1, 0):
+        model = DebertaForMaskedLM(CONFIG, emd=True)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        engine.load_release_into(model, str(start["official"]), stage=3, rank=rank)
+        if rank == 1:
+            assert reads == [] and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        else:
+            names = [n for n, _ in model.named_parameters()]
+            assert sorted(reads) == sorted(names)         # each parameter's tensor read exactly once
+            assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())

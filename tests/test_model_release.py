@@ -163,3 +163,76 @@ def test_classification_head_with_wrong_number_of_labels_is_refused(tmp_path):
     assert load_release(str(tmp_path), task="classification", num_labels=3) is not None
     with pytest.raises(CheckpointError, match=r"classifier.weight has shape \(3, 64\) in the checkpoint but \(2, 64\)"):
         load_release(str(tmp_path), task="classification", num_labels=2)
+
+
+# ---------------------------------------------------------------- loading builds the model once
+def test_loaded_parameters_are_real_owned_tied_and_trainable(tmp_path):
+    """load_release builds the model with its parameters on the meta device and makes each read tensor the
+    parameter: check that nothing stays on meta, nothing aliases the file, the MLM decoder still reads the
+    word embedding, and a training step updates everything, also from a pytorch_model.bin (memory-mapped)."""
+    config = preset("tiny", **SMALL)
+    theirs, ours = hf_and_ours(config, "mlm", emd=True)
+    save_release(ours, str(tmp_path / "safe"))
+    os.makedirs(tmp_path / "bin")
+    (tmp_path / "bin" / "config.json").write_text((tmp_path / "safe" / "config.json").read_text())
+    torch.save({k: v.clone() for k, v in ours.state_dict().items()}, tmp_path / "bin" / "pytorch_model.bin")
+    for name in ("safe", "bin"):
+        model = load_release(str(tmp_path / name), task="mlm").train()
+        tensors = list(model.parameters()) + list(model.buffers())
+        assert not any(t.is_meta for t in tensors) and all(t.is_contiguous() for t in tensors)
+        assert all(p.requires_grad for p in model.parameters())
+        assert all(torch.equal(v, ours.state_dict()[k]) for k, v in model.state_dict().items())
+        word = model.deberta.embeddings.word_embeddings.weight
+        ids = torch.randint(4, 1000, (2, 9))
+        model(input_ids=ids).logits.sum().backward()
+        # the decoder's gradient reaches the one word-embedding tensor (rows of tokens not in the input too)
+        assert word.grad is not None and int((word.grad.abs().sum(-1) > 0).sum()) > 100
+        torch.optim.SGD(model.parameters(), lr=1.0).step()
+        assert not torch.equal(word, ours.deberta.embeddings.word_embeddings.weight)
+        # the files are untouched by the in-place update: loading again gives the saved weights
+        again = load_release(str(tmp_path / name), task="mlm")
+        assert torch.equal(again.deberta.embeddings.word_embeddings.weight, ours.deberta.embeddings.word_embeddings.weight)
+    bf16 = load_release(str(tmp_path / "safe"), task="classification", num_labels=3, dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    # the new head is real and initialised like our Linear layers (normal(0, 0.02), zero bias)
+    assert not bf16.classifier.weight.is_meta and bf16.classifier.weight.float().std() > 0.005
+    assert not bf16.classifier.bias.float().any()
+
+
+def test_legacy_decoder_that_is_not_tied_is_refused(tmp_path):
+    config = preset("tiny", **SMALL)
+    legacy = transformers.DebertaV2ForMaskedLM(hf_config(config, legacy=True)).eval()
+    state = {k: v.clone().contiguous() for k, v in legacy.state_dict().items()}
+    state["cls.predictions.decoder.weight"] = state["cls.predictions.decoder.weight"] + 1
+    legacy.config.save_pretrained(str(tmp_path))
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="decoder.weight differs from the word embeddings"):
+        load_release(str(tmp_path), task="mlm")
+
+
+PEAK_RSS = """
+import resource, sys
+import torch
+from model import load_release
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model = load_release(sys.argv[1], task="mlm")
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_loading_holds_the_weights_about_once(tmp_path):
+    """Peak RSS of load_release (a fresh process) grows by about one copy of the weights, not two (the
+    state dict and a randomly initialised model side by side, as before). ~270 MB of fp32 weights."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    config = preset("base", num_hidden_layers=1, vocab_size=80000)
+    save_release(DebertaForMaskedLM(config, emd=True), str(tmp_path))
+    size = os.path.getsize(tmp_path / "model.safetensors")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS, str(tmp_path)], capture_output=True, text=True,
+                            cwd=root, env=dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1"), timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    growth = int(result.stdout.split()[-1])
+    assert size > 250e6 and growth < 1.3 * size, (growth, size)
