@@ -244,9 +244,13 @@ def release_key(pipe_key, config, maps=None):
 
 
 def load_release_into_pipe(module, path, config):
-    """Copy a release's weights into this stage's layers (each stage reads only what it holds)."""
-    from model.release import normalise_keys, read_state_dict
-    state = normalise_keys(read_state_dict(path), source=path)
+    """Copy a release's weights into this stage's layers: each stage reads only the tensors it holds, one
+    at a time (the release's headers give the keys and shapes)."""
+    from model.release import check_legacy_tie, index_tensors, materialise, normalise_keys
+    refs = index_tensors(path)
+    state = normalise_keys(refs, source=path, check_tie=False)
+    check_legacy_tie(refs.get("cls.predictions.decoder.weight"),
+                     state.get("deberta.embeddings.word_embeddings.weight"), path)
     maps = layer_key_map(config)
     with torch.no_grad():
         for key, tensor in module.state_dict().items():
@@ -258,4 +262,4 @@ def load_release_into_pipe(module, path, config):
             if tuple(state[name].shape) != tuple(tensor.shape):
                 raise ValueError(f"{path}: {name} has shape {tuple(state[name].shape)} in the release but "
                                  f"{tuple(tensor.shape)} in the model")
-            tensor.copy_(state[name].to(tensor.dtype))
+            tensor.copy_(materialise(state[name]).to(tensor.dtype))
