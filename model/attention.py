@@ -17,10 +17,11 @@ backward (a scatter-add) is slow. Other indices (the EMD's selected query rows) 
 official code does.
 
 Two paths then compute the same attention: "reference" (eager: scores, masked softmax, dropout, @V, as
-transformers and the official code do, with a backward that keeps one [B, H, N, N] tensor fewer) and
-"sdpa" (torch's scaled_dot_product_attention with c2p + p2c and the padding mask as one additive mask:
-on CUDA the memory-efficient kernel then keeps no probabilities; on the CPU a mask that needs a
-gradient takes SDPA's math path, which is no faster than "reference").
+transformers and the official code do, with a backward that keeps fewer [B, H, N, N] tensors: see
+SoftmaxDropoutMatmul) and "sdpa" (torch's scaled_dot_product_attention with c2p + p2c and the padding
+mask as one additive mask: on CUDA the memory-efficient kernel then keeps no probabilities; on the CPU
+a mask that needs a gradient takes SDPA's math path, which is no faster than "reference"; in bf16
+inference on 2 cores SDPA was faster in a fresh process but slower once the allocator is warm).
 
 Padded query rows: the mask is m_i·m_j, so a padded query row has every key masked. We fill masked
 scores with the dtype's most negative value before softmax, which makes such a row attend uniformly
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.init import Linear
+from model.init import Dropout, Linear, dropout_keep_mask
 
 
 def log_bucket_position(relative_pos: torch.Tensor, bucket_size: int, max_position: int) -> torch.Tensor:
@@ -112,37 +113,47 @@ class Skew(torch.autograd.Function):
 
 
 class SoftmaxDropoutMatmul(torch.autograd.Function):
-    """dropout(softmax(scores)) @ v, keeping for backward the probabilities, the dropout mask (bool) and v.
-    Autograd would also keep the dropped probabilities, one more [B, H, N, N] per layer; here they are
-    recomputed in backward from the two (one multiplication). Dropout is nn.Dropout's: each entry kept
-    with probability 1 - p and scaled by 1 / (1 - p)."""
+    """dropout(softmax(scores with ~mask filled with the dtype's minimum)) @ v, keeping for backward the
+    probabilities, the dropout mask (bool), the attention mask and v. Autograd would also keep the
+    dropped probabilities, one more [B, H, N, N] per layer; here they are recomputed in backward (one
+    multiplication). The dropout scale is applied to v and to the incoming gradient ([B, H, N, d])
+    instead of to [B, H, N, N] tensors, and softmax's backward and the mask's run in place in the
+    gradient of the probabilities (on the CPU): backward holds two [B, H, N, N] tensors, not three.
+    Dropout: each entry kept with probability 1 - p, scaled by 1 / (1 - p) (dropout_keep_mask)."""
 
     @staticmethod
-    def forward(ctx, scores, v, p):
-        probs = torch.softmax(scores, dim=-1)
-        keep = None
-        dropped = probs
-        if p > 0:
-            keep = torch.empty(probs.shape, dtype=torch.bool, device=probs.device).bernoulli_(1 - p)
-            dropped = torch.mul(probs, keep).mul_(1.0 / (1 - p))
-        ctx.p, ctx.v_dtype = p, v.dtype
+    def forward(ctx, scores, mask, v, p):
+        # scores are filled in place: the caller's own sum, which no other autograd node saved (one
+        # that did would raise in backward, as any in-place change does); backward masks the gradient
+        probs = torch.softmax(scores.masked_fill_(~mask, torch.finfo(scores.dtype).min), dim=-1)
+        ctx.v_dtype = v.dtype
         v = v.to(probs.dtype)  # under autocast the probabilities may be bf16 while v is not
-        ctx.save_for_backward(probs, keep, v)
-        return torch.matmul(dropped, v)
+        keep, ctx.scale = None, 1.0
+        if p > 0:
+            keep, ctx.scale = dropout_keep_mask(probs.shape, p, probs.device)
+        ctx.save_for_backward(probs, keep, mask, v)
+        if keep is None:
+            return torch.matmul(probs, v)
+        return torch.matmul(torch.mul(probs, keep), v * ctx.scale)
 
     @staticmethod
     def backward(ctx, grad):
-        probs, keep, v = ctx.saved_tensors
+        probs, keep, mask, v = ctx.saved_tensors
         grad = grad.to(probs.dtype)
-        dropped = probs if keep is None else torch.mul(probs, keep).mul_(1.0 / (1 - ctx.p))
+        if keep is not None:
+            grad = grad * ctx.scale
+        dropped = probs if keep is None else torch.mul(probs, keep)
         grad_v = torch.matmul(dropped.transpose(-1, -2), grad).to(ctx.v_dtype)
         del dropped
-        grad_probs = torch.matmul(grad, v.transpose(-1, -2))
+        grad_scores = torch.matmul(grad, v.transpose(-1, -2))  # the gradient of the probabilities
         if keep is not None:
-            grad_probs.mul_(keep).mul_(1.0 / (1 - ctx.p))
-        # softmax's own backward (what autograd calls): probs · (g - Σ g·probs)
-        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-        return grad_scores, grad_v, None
+            grad_scores.mul_(keep)
+        # softmax's backward (what autograd calls), probs · (g - Σ g·probs); on the CPU in place (the
+        # kernel reads each row before writing it: bitwise equal to the out-of-place call, tested)
+        out = grad_scores if grad_scores.device.type == "cpu" else None
+        grad_scores = torch._softmax_backward_data(grad_scores, probs, -1, probs.dtype, grad_input=out)
+        grad_scores.masked_fill_(~mask, 0)  # masked_fill's backward
+        return grad_scores, None, grad_v, None
 
 
 class DisentangledSelfAttention(nn.Module):
@@ -162,7 +173,7 @@ class DisentangledSelfAttention(nn.Module):
         self.scale = math.sqrt(self.head_size * config.scale_factor)
         self.impl = config.attention_impl
         if self.relative_attention:
-            self.pos_dropout = nn.Dropout(config.hidden_dropout_prob)
+            self.pos_dropout = Dropout(config.hidden_dropout_prob)
             if not self.share_att_key:
                 if "c2p" in self.pos_att_type:
                     self.pos_key_proj = Linear(config.hidden_size, inner, std=std)
@@ -261,9 +272,8 @@ class DisentangledSelfAttention(nn.Module):
             # out[i, j] = p2c[j, idx(i, j)]: gather along the table axis with the transposed index
             yield torch.gather(p2c, -1, index.transpose(-1, -2)).transpose(-1, -2)
 
-    def reference(self, scores, v, mask4d):
-        scores = scores.masked_fill_(~mask4d, torch.finfo(scores.dtype).min)
-        return SoftmaxDropoutMatmul.apply(scores, v, self.dropout_p if self.training else 0.0)
+    def reference(self, scores, v, mask4d):  # scores: this forward's own tensor, filled in place
+        return SoftmaxDropoutMatmul.apply(scores, mask4d, v, self.dropout_p if self.training else 0.0)
 
     def sdpa(self, q, k, v, bias, mask4d):
         """The bias and the mask as one additive mask; on CUDA the memory-efficient kernel then keeps
@@ -273,6 +283,7 @@ class DisentangledSelfAttention(nn.Module):
             additive = torch.zeros(mask4d.shape, dtype=q.dtype, device=q.device)
         else:
             additive = bias.to(q.dtype)  # in bf16 autocast bias is bf16 already
-        additive = additive.masked_fill(~mask4d, torch.finfo(q.dtype).min)
+        # in place: bias is add_relative's own sum, which nothing else reads
+        additive = additive.masked_fill_(~mask4d, torch.finfo(q.dtype).min)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=1.0,
                                               dropout_p=self.dropout_p if self.training else 0.0)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.attention import DisentangledSelfAttention, attention_mask_2d_to_4d, relative_position_index
-from model.init import Embedding, Linear
+from model.init import Dropout, Embedding, Linear
 
 ACTIVATIONS = {"gelu": F.gelu, "tanh": torch.tanh, "relu": F.relu}
 
@@ -56,7 +56,7 @@ class Embeddings(nn.Module):
         if config.embed_size != config.hidden_size:
             self.embed_proj = Linear(config.embed_size, config.hidden_size, bias=False, std=std)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids=None, input_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None):
         x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
@@ -83,7 +83,7 @@ class SelfOutput(nn.Module):
         super().__init__()
         self.dense = Linear(in_size, out_size, std=config.initializer_range)
         self.LayerNorm = nn.LayerNorm(out_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, x, residual):
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)
@@ -134,7 +134,7 @@ class ConvLayer(nn.Module):
         k = config.conv_kernel_size
         self.conv = nn.Conv1d(config.hidden_size, config.hidden_size, k, padding=(k - 1) // 2, groups=config.conv_groups)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
         self.act = activation(config.conv_act)
 
     def forward(self, embeddings, layer0_output, input_mask):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.encoder import AttentionInputs, DebertaModel, Output, activation, token_mask
-from model.init import Linear
+from model.init import Dropout, Linear
 
 IGNORE_INDEX = -100  # labels at positions that are not predicted (transformers' convention)
 
@@ -139,7 +139,7 @@ class ContextPooler(nn.Module):
         super().__init__()
         size = config.pooler_hidden_size or config.hidden_size
         self.dense = Linear(size, size, std=config.initializer_range)
-        self.dropout = nn.Dropout(config.pooler_dropout)
+        self.dropout = Dropout(config.pooler_dropout)
         self.act = activation(config.pooler_hidden_act)
 
     def forward(self, hidden):
@@ -166,7 +166,7 @@ class DebertaForSequenceClassification(nn.Module):
         self.num_labels = num_labels
         self.deberta = DebertaModel(config)
         self.pooler = ContextPooler(config)
-        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.dropout = Dropout(config.classifier_dropout)
         self.classifier = Linear(config.pooler_hidden_size or config.hidden_size, num_labels,
                                  std=config.initializer_range)
 
@@ -186,7 +186,7 @@ class DebertaForMultipleChoice(nn.Module):
         self.config = config
         self.deberta = DebertaModel(config)
         self.pooler = ContextPooler(config)
-        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.dropout = Dropout(config.classifier_dropout)
         self.classifier = Linear(config.pooler_hidden_size or config.hidden_size, 1, std=config.initializer_range)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, token_type_ids=None, position_ids=None):

@@ -220,19 +220,51 @@ def test_skew_reads_each_distance_and_has_exact_gradients(n):
 
 
 def test_softmax_dropout_matmul_matches_autograd_with_the_same_mask():
-    from model.attention import SoftmaxDropoutMatmul
+    from model.attention import SoftmaxDropoutMatmul, dropout_keep_mask
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=g, requires_grad=True)
     v = torch.randn(2, 3, 6, 4, dtype=torch.float64, generator=g, requires_grad=True)
     grad = torch.randn(2, 3, 6, 4, dtype=torch.float64, generator=g)
+    mask = torch.rand(2, 1, 6, 6, generator=g) < 0.7
+    mask[1, 0, 2] = False  # a row with every key masked attends uniformly
     torch.manual_seed(5)
-    out = SoftmaxDropoutMatmul.apply(scores, v, 0.3)
+    out = SoftmaxDropoutMatmul.apply(scores.clone(), mask, v, 0.3)  # scores are filled in place
     got = torch.autograd.grad(out, (scores, v), grad)
     torch.manual_seed(5)  # the same draws give the same mask
-    keep = torch.empty(scores.shape, dtype=torch.bool).bernoulli_(0.7)
+    keep, scale = dropout_keep_mask(scores.shape, 0.3)
     assert 0 < keep.sum() < keep.numel()
-    ref = torch.matmul(torch.softmax(scores, -1) * keep / 0.7, v)
+    probs = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), -1)
+    ref = torch.matmul(probs * keep * scale, v)
     expected = torch.autograd.grad(ref, (scores, v), grad)
     assert torch.allclose(out, ref, atol=1e-12)
     for a, b in zip(got, expected):
         assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_dropout_keep_mask_is_an_inverted_dropout_with_keep_probability_1_minus_p():
+    from model.attention import dropout_keep_mask
+    torch.manual_seed(0)
+    for p in (0.1, 0.3, 0.5):
+        keep, scale = dropout_keep_mask((3, 1000, 1001), p)  # an odd count: the last 64-bit draw is partial
+        assert keep.dtype == torch.bool and keep.shape == (3, 1000, 1001)
+        assert abs(scale * (1 - p) - 1) < 1e-4  # keep probability within 8e-6 of 1 - p
+        frac = keep.double().mean().item()  # 3M draws: standard error below 3e-4
+        assert abs(frac - (1 - p)) < 2e-3, (p, frac)
+        assert abs(frac * scale - 1) < 3e-3
+        # no structure across the four entries that share one 64-bit draw
+        lanes = keep.flatten()[:2_000_000].view(-1, 4).double().mean(0)
+        assert torch.all((lanes - (1 - p)).abs() < 4e-3), lanes
+
+
+def test_dropout_module_is_an_inverted_dropout_and_the_identity_in_eval():
+    from model.init import Dropout
+    torch.manual_seed(0)
+    d = Dropout(0.2)
+    x = torch.randn(2, 500, 768, dtype=torch.float64, requires_grad=True)
+    y = d(x)
+    keep = y != 0
+    assert abs(keep.double().mean().item() - 0.8) < 3e-3
+    assert torch.allclose(y[keep], x[keep] / 0.8, rtol=1e-4)  # scale 2^16 / round(0.8 · 2^16)
+    (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert torch.equal(grad, keep.double() * (65536 / round(0.8 * 65536)))  # the same mask and scale in backward
+    assert d.eval()(x) is x and isinstance(d, torch.nn.Dropout)
