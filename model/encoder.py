@@ -42,12 +42,15 @@ class Embeddings(nn.Module):
     """word (+ absolute position if position_biased_input) (+ token type) -> embed_proj -> LN -> mask -> dropout.
 
     The absolute position table also exists when `position_table=True`: the Enhanced Mask Decoder
-    adds it just before the MLM head, while v2 never adds it to the input."""
+    adds it just before the MLM head, while v2 never adds it to the input. `word_table=False` leaves the
+    word table out (pipeline mode keeps it in a layer of its own, tied to the decoder); forward then
+    takes the word vectors as `inputs_embeds`."""
 
-    def __init__(self, config, position_table=False):
+    def __init__(self, config, position_table=False, word_table=True):
         super().__init__()
         std = config.initializer_range
-        self.word_embeddings = Embedding(config.vocab_size, config.embed_size, config.pad_token_id, std=std)
+        if word_table:
+            self.word_embeddings = Embedding(config.vocab_size, config.embed_size, config.pad_token_id, std=std)
         self.position_biased_input = config.position_biased_input
         if config.position_biased_input or position_table:
             self.position_embeddings = Embedding(config.max_position_embeddings, config.embed_size, std=std)
@@ -152,6 +155,13 @@ class AttentionInputs(NamedTuple):
     rel_embeddings: Optional[torch.Tensor]  # [2k, D], normalised
 
 
+def relative_table(embedding, layer_norm=None):
+    """All rows of the relative-embedding table, read through the Embedding's own forward (so ZeRO-3
+    gathers it there), layer-normalised when the config says so."""
+    rows = embedding(torch.arange(embedding.num_embeddings, device=embedding.weight.device))
+    return layer_norm(rows) if layer_norm is not None else rows
+
+
 class Encoder(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -170,9 +180,7 @@ class Encoder(nn.Module):
     def relative_embeddings(self):
         """LN(rel_embeddings), once per forward and shared by all layers. The table is read through the
         Embedding's own forward, so under ZeRO-3 it is gathered once here instead of per layer."""
-        table = self.rel_embeddings
-        rows = table(torch.arange(table.num_embeddings, device=table.weight.device))
-        return self.LayerNorm(rows) if hasattr(self, "LayerNorm") else rows
+        return relative_table(self.rel_embeddings, getattr(self, "LayerNorm", None))
 
     def attention_inputs(self, input_mask, seq_len) -> AttentionInputs:
         if not self.config.relative_attention:

@@ -25,7 +25,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from torch import nn
 
 from model.attention import attention_mask_2d_to_4d, relative_position_index
-from model.encoder import ConvLayer, Layer, activation
+from model.encoder import ConvLayer, Embeddings, Layer, activation, relative_table
 from model.heads import IGNORE_INDEX
 from model.init import Embedding, Linear
 
@@ -61,37 +61,22 @@ def decode_forward(module, inputs):
 
 
 class EmbeddingTail(nn.Module):
-    """Everything of the embeddings after the word lookup, plus the shared relative table."""
+    """The model's own Embeddings after the word lookup (the word table is layer 0), plus the shared
+    normalised relative table."""
 
     def __init__(self, config):
         super().__init__()
-        std = config.initializer_range
-        self.config = config
-        if config.position_biased_input:
-            self.position_embeddings = Embedding(config.max_position_embeddings, config.embed_size, std=std)
-        if config.type_vocab_size > 0:
-            self.token_type_embeddings = Embedding(config.type_vocab_size, config.embed_size, std=std)
-        if config.embed_size != config.hidden_size:
-            self.embed_proj = Linear(config.embed_size, config.hidden_size, bias=False, std=std)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.embeddings = Embeddings(config, word_table=False)
         if config.relative_attention:
-            self.rel_embeddings = Embedding(2 * config.att_span, config.hidden_size, std=std)
+            self.rel_embeddings = Embedding(2 * config.att_span, config.hidden_size, std=config.initializer_range)
             if config.norm_rel_ebd == "layer_norm":
                 self.rel_LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, inputs):
-        x, attention_mask, labels = inputs
-        if self.config.position_biased_input:
-            x = x + self.position_embeddings(torch.arange(x.shape[1], device=x.device))[None]
-        if hasattr(self, "token_type_embeddings"):
-            x = x + self.token_type_embeddings(torch.zeros_like(attention_mask))
-        if hasattr(self, "embed_proj"):
-            x = self.embed_proj(x)
-        x = self.dropout(self.LayerNorm(x) * attention_mask.unsqueeze(-1).to(x.dtype))
+        vectors, attention_mask, labels = inputs
+        x = self.embeddings(input_mask=attention_mask, inputs_embeds=vectors)
         if hasattr(self, "rel_embeddings"):
-            table = self.rel_embeddings(torch.arange(self.rel_embeddings.num_embeddings, device=x.device))
-            rel = self.rel_LayerNorm(table) if hasattr(self, "rel_LayerNorm") else table
+            rel = relative_table(self.rel_embeddings, getattr(self, "rel_LayerNorm", None))
         else:
             # a placeholder (only tensors travel between stages); integer, so no gradient is expected for it
             rel = torch.zeros(1, dtype=torch.long, device=x.device)
@@ -201,14 +186,12 @@ def layer_key_map(config):
     `layer_XX-model_states.pt` files map onto the release layout (used by the converter)."""
     L = config.num_hidden_layers
     maps = {0: {"weight": "deberta.embeddings.word_embeddings.weight"}}
-    tail = {"LayerNorm.weight": "deberta.embeddings.LayerNorm.weight",
-            "LayerNorm.bias": "deberta.embeddings.LayerNorm.bias",
-            "rel_embeddings.weight": "deberta.encoder.rel_embeddings.weight",
-            "rel_LayerNorm.weight": "deberta.encoder.LayerNorm.weight",
-            "rel_LayerNorm.bias": "deberta.encoder.LayerNorm.bias",
-            "position_embeddings.weight": "deberta.embeddings.position_embeddings.weight",
-            "token_type_embeddings.weight": "deberta.embeddings.token_type_embeddings.weight",
-            "embed_proj.weight": "deberta.embeddings.embed_proj.weight"}
+    with torch.device("meta"):
+        embedding_keys = Embeddings(config, word_table=False).state_dict().keys()
+    tail = {f"embeddings.{k}": f"deberta.embeddings.{k}" for k in embedding_keys}
+    tail.update({"rel_embeddings.weight": "deberta.encoder.rel_embeddings.weight",
+                 "rel_LayerNorm.weight": "deberta.encoder.LayerNorm.weight",
+                 "rel_LayerNorm.bias": "deberta.encoder.LayerNorm.bias"})
     maps[1] = tail
     for i in range(L):
         layer = {f"layer.{name}": f"deberta.encoder.layer.{i}.{name}" for name in _layer_param_names(config)}
