@@ -13,7 +13,7 @@ setup(
     data_files=[("share/deberta-ds/ds_configs", ["ds_configs/" + n for n in __import__("os").listdir("ds_configs") if n.endswith(".json")])],
     # A range, not a pin: keep the torch a GPU cluster already has.
     install_requires=[
-        "torch>=2.1",
+        "torch>=2.4",  # torch.get_autocast_dtype(device_type), is_autocast_enabled(device_type)
         "deepspeed>=0.15",
         "sentencepiece>=0.1.99",
         "datasets>=2.14",

@@ -10,11 +10,13 @@ Kr and Qr are the shared relative-embedding table projected by the same key/quer
 as the released code does (the paper writes j - i; the checkpoints were trained with the code).
 
 How the terms are computed (both paths): q is divided by the scale once. For the square index of a
-forward (a function of i - j only) the table row of every distance d in (-N, N) is projected, one
-[N, 2N] matmul per term gives Q_i·Kr[idx(d)] for all i and d, and the [N, N] term is read from it as
-a strided view (`skew`, Transformer-XL's relative shift): no [B, H, N, N] index and no gather, whose
-backward (a scatter-add) is slow. Other indices (the EMD's selected query rows) gather as the
-official code does.
+forward (a function of i - j only) the table row of every distance d in (-N, N) is projected, and for each
+block of 128 query rows one matmul against the rows of the distances that block reads gives Q_i·Kr[idx(d)]
+for its i and d; the [N, N] term is read from it as a strided view (`skew_view`, Transformer-XL's relative
+shift) and added to the scores while the block is in cache (RelativeBias): no [B, H, N, N] index and no
+gather, whose backward (a scatter-add) is slow. The content term q·kᵀ is then added by the matmul itself
+(baddbmm into the relative sum). Other indices (the EMD's selected query rows) gather as the official
+code does.
 
 Two paths then compute the same attention: "reference" (eager: scores, masked softmax, dropout, @V, as
 transformers and the official code do, with a backward that keeps fewer [B, H, N, N] tensors: see
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.init import Dropout, Linear, dropout_keep_mask
+from model.init import Dropout, Linear, dropout_keep_mask, pack_mask, unpack_mask
 
 
 def log_bucket_position(relative_pos: torch.Tensor, bucket_size: int, max_position: int) -> torch.Tensor:
@@ -83,38 +85,129 @@ def distance_index(rel_index: torch.Tensor) -> torch.Tensor:
     return torch.cat([rel_index[:, 0].flip(0), rel_index[0, 1:], rel_index[0, :1]])
 
 
-def skew_view(x: torch.Tensor) -> torch.Tensor:
-    """[..., N, 2N] contiguous, x[i, m] the term for distance i - j = N-1-m  ->  [..., N, N] view with
-    y[i, j] = x[i, N-1-i+j] (Transformer-XL's relative shift): in the flat buffer y[i, j] sits at
-    (N-1) + i·(2N-1) + j, so y is a window of x read with row stride 2N-1."""
-    n = x.shape[-2]
-    return x.flatten(-2)[..., n - 1: n - 1 + n * (2 * n - 1)].unflatten(-1, (n, 2 * n - 1))[..., :n]
+def skew_view(x: torch.Tensor, n: int) -> torch.Tensor:
+    """[..., R, n + R] contiguous -> [..., R, n] view with y[r, j] = x[r, R-1-r+j] (Transformer-XL's
+    relative shift): in the flat buffer y[r, j] sits at (R-1) + r·(n+R-1) + j, so y is a window of x read
+    with row stride n+R-1. Row r of x holds one query's terms by distance, shifted one column per row."""
+    R, W = x.shape[-2], x.shape[-1]
+    return x.flatten(-2)[..., R - 1: R - 1 + R * (W - 1)].unflatten(-1, (R, W - 1))[..., :n]
 
 
-class Skew(torch.autograd.Function):
-    """skew_view with a lean backward: autograd's own (two slices) would zero-fill the [N, 2N] gradient
-    twice and copy into it twice; here one strided copy, and zeros only where no (i, j) reads."""
+def zero_unread(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Zeroes the entries of x that skew_view(x, n) does not read (in place): R-1 before the window,
+    R-1 at the end of each of its rows, one after it."""
+    R, W = x.shape[-2], x.shape[-1]
+    flat = x.flatten(-2)
+    flat[..., : R - 1].zero_()
+    flat[..., R - 1: R - 1 + R * (W - 1)].unflatten(-1, (R, W - 1))[..., n:].zero_()
+    flat[..., R - 1 + R * (W - 1):].zero_()
+    return x
+
+
+# Query rows per block of the relative products (below). Row i reads N of the 2N distances, so a block
+# of R rows needs N + R of them: R = 128 at N = 512 does 62.5% of the unblocked product's work, and a
+# block's product ([H, B·R, N+R]) is small enough to be added to the scores while still in cache.
+RELATIVE_BLOCK = 128
+
+
+def relative_blocks(x, table, block):
+    """For each block of rows [i0, i0 + r) of x [B, H, N, d]: (i0, r, x's rows as [H, B·r, d], the table
+    rows the block reads [H, N+r, d], and the product [H, B·r, N+r]). table [H, 2N, d] holds the row of
+    each distance in distance_index's order: the block's rows read entries N-r-i0 ... 2N-1-i0."""
+    B, H, N, d = x.shape
+    for i0 in range(0, N, block):
+        r = min(block, N - i0)
+        rows = x[:, :, i0:i0 + r].transpose(0, 1).reshape(H, B * r, d)
+        window = table[:, N - r - i0: 2 * N - i0]
+        yield i0, r, rows, window
+
+
+class RelativeBias(torch.autograd.Function):
+    """c2p + p2c for a square index that depends on i - j only, as a new [B·H, N, N] tensor.
+
+    c2p[i, j] = q_i·Kr[m(i - j)]: for a block of query rows, one matmul against the table rows of the
+    distances the block reads, and the block's [r, N] terms read from it with skew_view (no gather, whose
+    backward is a scatter-add). p2c[i, j] = k_j·Qr[m(i - j)] is the same with k's rows and the distances
+    reversed (the caller passes the reversed table), which gives p2cᵀ: its blocks are written as rows of a
+    temporary and transposed once (a transposed copy is fast, a transposed add is not). Saved for backward:
+    q and k (which the content matmul saves anyway) and the two small tables; backward recomputes each
+    block's rows of q or k and runs the same blocks."""
 
     @staticmethod
-    def forward(ctx, x):
-        ctx.shape = x.shape
-        return skew_view(x)
+    def forward(ctx, q, k, c2p_table, p2c_table, block):
+        B, H, N, d = q.shape
+        ctx.block = block
+        ctx.save_for_backward(q, k, c2p_table, p2c_table)
+        bias = q.new_empty(B * H, N, N)  # a tensor of its own, not a view: the caller adds into it in place
+        scores = bias.view(B, H, N, N)
+        with torch.autocast(q.device.type, enabled=False):  # every input is in the compute dtype already
+            if p2c_table is not None:
+                # rows padded to N+32: transposing out of rows 2^k elements apart thrashes the cache (5.7 ms
+                # against 3.4 ms per layer at N = 512, bf16)
+                rows_first = q.new_empty(B, H, N, N + 32)[..., :N]
+                for j0, r, rows, window in relative_blocks(k, p2c_table.to(k.dtype), block):
+                    prod = torch.bmm(rows, window.transpose(1, 2)).view(H, B, r, N + r)
+                    rows_first[:, :, j0:j0 + r].copy_(skew_view(prod, N).transpose(0, 1))
+                scores.copy_(rows_first.transpose(-1, -2))
+                del rows_first
+            if c2p_table is not None:
+                for i0, r, rows, window in relative_blocks(q, c2p_table.to(q.dtype), block):
+                    prod = torch.bmm(rows, window.transpose(1, 2)).view(H, B, r, N + r)
+                    term = skew_view(prod, N).transpose(0, 1)
+                    if p2c_table is None:
+                        scores[:, :, i0:i0 + r].copy_(term)
+                    else:
+                        scores[:, :, i0:i0 + r].add_(term)
+        return bias
 
     @staticmethod
     def backward(ctx, grad):
-        grad_x = grad.new_empty(ctx.shape)
-        skew_view(grad_x).copy_(grad)
-        n = ctx.shape[-2]
-        flat = grad_x.flatten(-2)
-        flat[..., : n - 1].zero_()
-        flat[..., n - 1: n - 1 + n * (2 * n - 1)].unflatten(-1, (n, 2 * n - 1))[..., n:].zero_()
-        flat[..., n - 1 + n * (2 * n - 1):].zero_()
-        return grad_x
+        q, k, c2p_table, p2c_table = ctx.saved_tensors
+        B, H, N, d = q.shape
+        grad = grad.reshape(B, H, N, N)
+        grad_q = grad_k = grad_c2p = grad_p2c = None
+        if c2p_table is not None:
+            grad_q, grad_c2p = RelativeBias.block_grads(q, c2p_table, grad, ctx.block)
+        if p2c_table is not None:
+            grad_k, grad_p2c = RelativeBias.block_grads(k, p2c_table, grad.transpose(-1, -2).contiguous(), ctx.block)
+        return grad_q, grad_k, grad_c2p, grad_p2c, None
+
+    @staticmethod
+    def block_grads(x, table, grad, block):
+        """Gradients of x [B, H, N, d] and table [H, 2N, d] for the term whose rows are x's, given its
+        gradient [B, H, N, N] (rows: x's rows). Each block's gradient is spread back to the product's
+        layout (skew_view in reverse, zeros where the forward read nothing) and multiplied out."""
+        B, H, N, d = x.shape
+        grad_x = grad.new_empty(H, B, N, d)
+        grad_table = torch.zeros(table.shape, dtype=torch.float32, device=table.device)  # blocks overlap
+        for i0, r, rows, window in relative_blocks(x.to(grad.dtype), table.to(grad.dtype), block):
+            grad_prod = zero_unread(grad.new_empty(H, B, r, N + r), N)
+            skew_view(grad_prod, N).copy_(grad[:, :, i0:i0 + r].transpose(0, 1))
+            grad_prod = grad_prod.view(H, B * r, N + r)
+            grad_x[:, :, i0:i0 + r] = torch.bmm(grad_prod, window).view(H, B, r, d)
+            grad_table[:, N - r - i0: 2 * N - i0] += torch.bmm(grad_prod.transpose(1, 2), rows)
+        return grad_x.transpose(0, 1).to(x.dtype), grad_table.to(table.dtype)
+
+
+class GatherLast(torch.autograd.Function):
+    """torch.gather(x, -1, index) whose backward keeps only the index and x's shape. Autograd's gather
+    keeps x itself: for the EMD's p2c that is a [B, H, N, 2k] product per step, never read in backward."""
+
+    @staticmethod
+    def forward(ctx, x, index):
+        ctx.shape, ctx.dtype = x.shape, x.dtype
+        ctx.save_for_backward(index)
+        return torch.gather(x, -1, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.shape, dtype=ctx.dtype).scatter_add_(-1, index, grad.to(ctx.dtype)), None
 
 
 class SoftmaxDropoutMatmul(torch.autograd.Function):
     """dropout(softmax(scores with ~mask filled with the dtype's minimum)) @ v, keeping for backward the
-    probabilities, the dropout mask (bool), the attention mask and v. Autograd would also keep the
+    probabilities, the dropout mask (as bits: pack_mask), the attention mask and v. Autograd would also keep the
     dropped probabilities, one more [B, H, N, N] per layer; here they are recomputed in backward (one
     multiplication). The dropout scale is applied to v and to the incoming gradient ([B, H, N, d])
     instead of to [B, H, N, N] tensors, and softmax's backward and the mask's run in place in the
@@ -124,21 +217,26 @@ class SoftmaxDropoutMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores, mask, v, p):
         # scores are filled in place: the caller's own sum, which no other autograd node saved (one
-        # that did would raise in backward, as any in-place change does); backward masks the gradient
-        probs = torch.softmax(scores.masked_fill_(~mask, torch.finfo(scores.dtype).min), dim=-1)
+        # that did would raise in backward, as any in-place change does); backward masks the gradient.
+        # On the CPU the softmax also runs in place (bitwise equal, tested): a new [B, H, N, N] tensor
+        # costs more than the softmax itself there, its pages faulted in on first touch.
+        scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+        out = scores if scores.device.type == "cpu" and scores.is_contiguous() else None
+        probs = torch._softmax(scores, -1, False, out=out) if out is not None else torch.softmax(scores, dim=-1)
         ctx.v_dtype = v.dtype
         v = v.to(probs.dtype)  # under autocast the probabilities may be bf16 while v is not
-        keep, ctx.scale = None, 1.0
-        if p > 0:
-            keep, ctx.scale = dropout_keep_mask(probs.shape, p, probs.device)
-        ctx.save_for_backward(probs, keep, mask, v)
-        if keep is None:
+        if p == 0:
+            ctx.scale = None
+            ctx.save_for_backward(probs, None, mask, v)
             return torch.matmul(probs, v)
+        keep, ctx.scale = dropout_keep_mask(probs.shape, p, probs.device)
+        ctx.save_for_backward(probs, pack_mask(keep), mask, v)  # the mask as bits: 1/8 of a bool tensor
         return torch.matmul(torch.mul(probs, keep), v * ctx.scale)
 
     @staticmethod
     def backward(ctx, grad):
-        probs, keep, mask, v = ctx.saved_tensors
+        probs, packed_keep, mask, v = ctx.saved_tensors
+        keep = None if packed_keep is None else unpack_mask(packed_keep, probs.shape)
         grad = grad.to(probs.dtype)
         if keep is not None:
             grad = grad * ctx.scale
@@ -154,6 +252,17 @@ class SoftmaxDropoutMatmul(torch.autograd.Function):
         grad_scores = torch._softmax_backward_data(grad_scores, probs, -1, probs.dtype, grad_input=out)
         grad_scores.masked_fill_(~mask, 0)  # masked_fill's backward
         return grad_scores, None, grad_v, None
+
+
+def content_scores(q, k, bias=None):
+    """q·kᵀ [B, H, Nq, Nk], plus bias ([B·H, Nq, Nk], relative_bias's own tensor) when given: the matmul
+    adds into the bias in place (baddbmm's β·C), so neither a pass over [B, H, N, N] for the add nor a
+    new tensor of that size (on the CPU a fresh one costs as much as the add: its pages are faulted in)."""
+    if bias is None:
+        return torch.matmul(q, k.transpose(-1, -2))
+    B, H, Nq, d = q.shape
+    scores = bias.baddbmm_(q.reshape(B * H, Nq, d), k.reshape(B * H, -1, d).transpose(1, 2))
+    return scores.view(B, H, Nq, -1)
 
 
 class DisentangledSelfAttention(nn.Module):
@@ -208,14 +317,11 @@ class DisentangledSelfAttention(nn.Module):
         relative = self.relative_attention and bool(self.pos_att_type)
         if relative:
             rel_embeddings = self.pos_dropout(rel_embeddings)[: 2 * self.att_span]
+        bias = self.relative_bias(q, k, rel_index, rel_embeddings) if relative else None
         if self.impl == "sdpa":
-            bias = self.add_relative(None, q, k, rel_index, rel_embeddings) if relative else None
             context = self.sdpa(q, k, v, bias, mask4d)
         else:
-            scores = torch.matmul(q, k.transpose(-1, -2))
-            if relative:
-                scores = self.add_relative(scores, q, k, rel_index, rel_embeddings)
-            context = self.reference(scores, v, mask4d)
+            context = self.reference(content_scores(q, k, bias), v, mask4d)
         return context.transpose(-3, -2).flatten(-2)  # [B, Nq, H·d]
 
     def position_keys(self, rel_embeddings, which):
@@ -226,51 +332,34 @@ class DisentangledSelfAttention(nn.Module):
             proj = self.query_proj if self.share_att_key else self.pos_query_proj
         return self.heads(proj(rel_embeddings))
 
-    def add_relative(self, total, q, k, rel_index, rel_embeddings):
-        """total + c2p + p2c (divided by the scale: q already is), [B, H, Nq, Nk]; total None: c2p + p2c.
-        The terms are added one at a time, in place, so that one [N, 2N] product exists at a time."""
-        for term in self.relative_terms(q, k, rel_index, rel_embeddings):
-            if total is None:
-                total = term.clone(memory_format=torch.contiguous_format)
-            else:
-                total += term  # in place: neither the matmul before nor this add needs total for backward
-            del term
-        return total
-
-    def relative_terms(self, q, k, rel_index, rel_embeddings):
-        """Yields c2p and/or p2c, each [B, H, Nq, Nk]."""
-        Nq, Nk = q.shape[-2], k.shape[-2]
+    def relative_bias(self, q, k, rel_index, rel_embeddings):
+        """c2p + p2c (divided by the scale: q already is) as one new contiguous [B·H, Nq, Nk] tensor."""
+        B, H, Nq, Nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        c2p, p2c = "c2p" in self.pos_att_type, "p2c" in self.pos_att_type
         if rel_index.dim() == 2 and Nq == Nk:
-            # A square index is a function of i - j (relative_position_index): project the table row of
-            # each distance, one [N, 2N] matmul per term, and read the [N, N] terms as views (skew)
-            # instead of gathering them from [B, H, N, 2k] with a [B, H, N, N] index.
-            # The matmuls run per head over all B·N rows ([H, B·N, d] @ [H, d, 2N]): no broadcasting of
-            # the table over the batch, whose backward would copy it B times and sum the copies.
-            B, H, N, d = q.shape
+            # A square index is a function of i - j (relative_position_index): the table row of each
+            # distance, projected, and RelativeBias's blocked products read through skew_view.
             by_distance = distance_index(rel_index)
-
-            def per_distance(x, table):  # x [B, H, N, d], table [H, 2N, d] -> [B, H, N, N] (a view)
-                rows = torch.matmul(x.transpose(0, 1).reshape(H, B * N, d), table.transpose(-1, -2))
-                return Skew.apply(rows.view(H, B, N, 2 * N)).transpose(0, 1)
-
-            if "c2p" in self.pos_att_type:
-                yield per_distance(q, self.position_keys(rel_embeddings, "c2p")[..., by_distance, :])
-            if "p2c" in self.pos_att_type:
-                # p2c[i, j] = K_j·Qr[idx(i - j)]: the same skew with rows j and the distances reversed
-                reverse = torch.cat([by_distance[:-1].flip(0), by_distance[-1:]])
-                pos_query = self.position_keys(rel_embeddings, "p2c")[..., reverse, :] * (1.0 / self.scale)
-                yield per_distance(k, pos_query).transpose(-1, -2)
-            return
-        # any other index (the EMD's selected query rows: [B, Nq, Nk]): gather from [B, H, N, 2k]
-        B, H = q.shape[:2]
+            reverse = torch.cat([by_distance[:-1].flip(0), by_distance[-1:]])  # p2c reads i - j from j's side
+            c2p_table = self.position_keys(rel_embeddings, "c2p")[..., by_distance, :] if c2p else None
+            p2c_table = self.position_keys(rel_embeddings, "p2c")[..., reverse, :] * (1.0 / self.scale) if p2c else None
+            return RelativeBias.apply(q, k, c2p_table, p2c_table, RELATIVE_BLOCK)
+        # any other index (the EMD's selected query rows: [B, Nq, Nk]): gather from [B, H, N, 2k], as the
+        # official code does. Each term is copied to [B·H, Nq, Nk] before the add (p2c's is transposed,
+        # and adding a transposed view reads it element by element, several times slower than a copy).
         index = rel_index.expand(B, H, Nq, Nk) if rel_index.dim() == 2 else rel_index[:, None].expand(B, H, Nq, Nk)
-        if "c2p" in self.pos_att_type:
-            yield torch.gather(torch.matmul(q, self.position_keys(rel_embeddings, "c2p").transpose(-1, -2)), -1, index)
-        if "p2c" in self.pos_att_type:
+        bias = None
+        if c2p:
+            c2p_all = torch.matmul(q, self.position_keys(rel_embeddings, "c2p").transpose(-1, -2))
+            bias = GatherLast.apply(c2p_all, index).view(B * H, Nq, Nk)
+            del c2p_all
+        if p2c:
             pos_query = self.position_keys(rel_embeddings, "p2c") * (1.0 / self.scale)
-            p2c = torch.matmul(k, pos_query.transpose(-1, -2))  # [B, H, Nk, 2k]: p2c[j, r] = K_j·Qr_r
+            p2c_all = torch.matmul(k, pos_query.transpose(-1, -2))  # [B, H, Nk, 2k]: p2c[j, r] = K_j·Qr_r
             # out[i, j] = p2c[j, idx(i, j)]: gather along the table axis with the transposed index
-            yield torch.gather(p2c, -1, index.transpose(-1, -2)).transpose(-1, -2)
+            term = GatherLast.apply(p2c_all, index.transpose(-1, -2)).transpose(-1, -2).reshape(B * H, Nq, Nk)
+            bias = term if bias is None else bias.add_(term)  # in place: no autograd node saved bias
+        return bias
 
     def reference(self, scores, v, mask4d):  # scores: this forward's own tensor, filled in place
         return SoftmaxDropoutMatmul.apply(scores, mask4d, v, self.dropout_p if self.training else 0.0)
@@ -282,7 +371,7 @@ class DisentangledSelfAttention(nn.Module):
         if bias is None:
             additive = torch.zeros(mask4d.shape, dtype=q.dtype, device=q.device)
         else:
-            additive = bias.to(q.dtype)  # in bf16 autocast bias is bf16 already
+            additive = bias.view(*q.shape[:2], *bias.shape[1:]).to(q.dtype)  # in bf16 autocast bias is bf16 already
         # in place: bias is add_relative's own sum, which nothing else reads
         additive = additive.masked_fill_(~mask4d, torch.finfo(q.dtype).min)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=1.0,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.encoder import AttentionInputs, DebertaModel, Output, activation, token_mask
-from model.init import Dropout, Linear
+from model.init import AutocastLinear, Dropout, Linear, autocast_dtype_for
 
 IGNORE_INDEX = -100  # labels at positions that are not predicted (transformers' convention)
 
@@ -34,7 +34,11 @@ class LMHead(nn.Module):
 
     def forward(self, hidden, word_embeddings_weight):
         h = self.LayerNorm(self.act(self.dense(hidden)))
-        return torch.matmul(h, word_embeddings_weight.t()) + self.bias
+        dtype = autocast_dtype_for(word_embeddings_weight, h)
+        if dtype is None:
+            return torch.matmul(h, word_embeddings_weight.t()) + self.bias
+        # under autocast: the decoder's bf16 copy (32k x 768) is not kept for backward (AutocastLinear)
+        return AutocastLinear.apply(h, word_embeddings_weight, None, dtype) + self.bias
 
 
 class MLMPredictions(nn.Module):
@@ -43,6 +47,37 @@ class MLMPredictions(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.lm_head = LMHead(config)
+
+
+class FloatCrossEntropy(torch.autograd.Function):
+    """The mean cross-entropy of logits [M, V] (any float dtype) against targets [M], computed in fp32 as
+    F.cross_entropy(logits.float(), targets) is, without its [M, V] fp32 tensors: the float copy, the
+    log-probabilities it keeps for backward, and backward's two. Forward keeps each row's log-sum-exp;
+    both directions work `chunk` rows at a time. At masked positions with a 32k vocab those tensors come
+    at the moment of the training step's peak memory (the whole forward's activations are still held)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, chunk=64):
+        wide = torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 for fp64 logits
+        lse = torch.empty(logits.shape[0], dtype=wide, device=logits.device)
+        for start in range(0, logits.shape[0], chunk):
+            lse[start:start + chunk] = torch.logsumexp(logits[start:start + chunk].to(wide), dim=-1)
+        picked = logits.gather(1, targets[:, None]).squeeze(1).to(wide)
+        ctx.chunk = chunk
+        ctx.save_for_backward(logits, targets, lse)
+        return (lse - picked).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, targets, lse = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        scale = grad.to(lse.dtype) / logits.shape[0]
+        for start in range(0, logits.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            probs = (logits[rows].to(lse.dtype) - lse[rows, None]).exp_()  # softmax from the log-sum-exp; a new tensor
+            probs[torch.arange(probs.shape[0], device=probs.device), targets[rows]] -= 1
+            grad_logits[rows] = probs.mul_(scale)
+        return grad_logits, None, None
 
 
 def masked_positions(labels):
@@ -128,8 +163,7 @@ class DebertaForMaskedLM(nn.Module):
         index, targets = masked_positions(labels)
         hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, positions=index)
         logits = head(hidden, word_weight)
-        loss = F.cross_entropy(logits.float(), targets)
-        return Output(logits=logits, loss=loss, labels=targets)
+        return Output(logits=logits, loss=FloatCrossEntropy.apply(logits, targets), labels=targets)
 
 
 class ContextPooler(nn.Module):

@@ -209,14 +209,45 @@ def test_bf16_autocast_follows_fp32():
     assert max_diff_valid(ref, low.float(), mask) <= 0.05 * ref.abs().max().item()
 
 
-@pytest.mark.parametrize("n", [1, 2, 5])
-def test_skew_reads_each_distance_and_has_exact_gradients(n):
-    from model.attention import Skew
-    x = torch.randn(2, n, 2 * n, dtype=torch.float64, requires_grad=True)
-    y = Skew.apply(x)
-    i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
-    assert torch.equal(y, x[:, i, n - 1 - i + j])
-    assert torch.autograd.gradcheck(Skew.apply, (x,))
+@pytest.mark.parametrize("rows,n", [(1, 1), (2, 2), (3, 5), (5, 5), (2, 7)])
+def test_skew_view_reads_each_distance_and_zero_unread_clears_the_rest(rows, n):
+    from model.attention import skew_view, zero_unread
+    x = torch.randn(2, rows, n + rows, dtype=torch.float64)
+    r, j = torch.meshgrid(torch.arange(rows), torch.arange(n), indexing="ij")
+    assert torch.equal(skew_view(x, n), x[:, r, rows - 1 - r + j])
+    read = torch.zeros_like(x)
+    skew_view(read, n).fill_(1)
+    zero_unread(x, n)
+    assert torch.equal(x != 0, read.bool())  # randn gives no zeros: exactly the unread entries cleared
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 16])
+@pytest.mark.parametrize("terms", [("c2p", "p2c"), ("c2p",), ("p2c",)])
+def test_relative_bias_equals_the_gathered_terms_and_has_exact_gradients(block, terms):
+    """The blocked products (any block size, one that does not divide N included) give c2p + p2c as the
+    official code computes them (a gather with the [N, N] index), and gradcheck passes."""
+    from model.attention import RelativeBias, distance_index, relative_position_index
+    config = CONFIGS["v2"].replace(position_buckets=4, max_relative_positions=8)
+    B, H, N, d = 2, 2, 7, 3
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(B, H, N, d, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    span = config.att_span
+    pos_key, pos_query = (torch.randn(H, 2 * span, d, dtype=torch.float64, generator=g, requires_grad=True)
+                          for _ in range(2))
+    index = relative_position_index(N, N, config)
+    by_distance = distance_index(index)
+    reverse = torch.cat([by_distance[:-1].flip(0), by_distance[-1:]])
+    c2p_table = pos_key[:, by_distance] if "c2p" in terms else None
+    p2c_table = pos_query[:, reverse] if "p2c" in terms else None
+    got = RelativeBias.apply(q, k, c2p_table, p2c_table, block).view(B, H, N, N)
+    expected = torch.zeros(B, H, N, N, dtype=torch.float64)
+    if "c2p" in terms:
+        expected = expected + torch.gather(q @ pos_key.transpose(-1, -2), -1, index.expand(B, H, N, N))
+    if "p2c" in terms:
+        expected = expected + torch.gather(k @ pos_query.transpose(-1, -2), -1, index.T.expand(B, H, N, N)).transpose(-1, -2)
+    assert torch.allclose(got, expected, atol=1e-12)
+    tables = tuple(t.detach().requires_grad_() if t is not None else None for t in (c2p_table, p2c_table))
+    assert torch.autograd.gradcheck(lambda *a: RelativeBias.apply(*a, block), (q, k) + tables)
 
 
 def test_softmax_dropout_matmul_matches_autograd_with_the_same_mask():
@@ -268,3 +299,89 @@ def test_dropout_module_is_an_inverted_dropout_and_the_identity_in_eval():
     (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
     assert torch.equal(grad, keep.double() * (65536 / round(0.8 * 65536)))  # the same mask and scale in backward
     assert d.eval()(x) is x and isinstance(d, torch.nn.Dropout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_softmax_and_its_backward_in_place_equal_the_out_of_place_kernels_bitwise(dtype):
+    """SoftmaxDropoutMatmul writes the probabilities over the scores, and softmax's backward over the
+    gradient, on the CPU: both rely on the kernels reading each row before writing it."""
+    g = torch.Generator().manual_seed(0)
+    scores = (torch.randn(2, 3, 64, 512, generator=g) * 4).to(dtype)
+    grad = torch.randn(2, 3, 64, 512, generator=g).to(dtype)
+    probs = torch.softmax(scores, -1)
+    in_place = scores.clone()
+    assert torch._softmax(in_place, -1, False, out=in_place).data_ptr() == in_place.data_ptr()
+    assert torch.equal(in_place, probs)
+    expected = torch._softmax_backward_data(grad, probs, -1, dtype)
+    got = grad.clone()
+    torch._softmax_backward_data(got, probs, -1, dtype, grad_input=got)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_float_cross_entropy_equals_cross_entropy_on_float_logits(dtype):
+    """The MLM loss without fp32 copies of the logits: the value and gradient of
+    F.cross_entropy(logits.float(), targets), in chunks that do not divide the rows."""
+    from model.heads import FloatCrossEntropy
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(13, 50, generator=g, dtype=torch.float64) * 3).to(dtype).requires_grad_()
+    targets = torch.randint(0, 50, (13,), generator=g)
+    loss = FloatCrossEntropy.apply(logits, targets, 4)
+    (grad,) = torch.autograd.grad(loss * 2.5, logits)
+    ref_logits = logits.detach().clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(ref_logits.float() if dtype != torch.float64 else ref_logits, targets)
+    (ref_grad,) = torch.autograd.grad(ref * 2.5, ref_logits)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-6}[dtype]
+    assert abs(loss.item() - ref.item()) <= tol * 10
+    assert grad.dtype == dtype and torch.allclose(grad.float(), ref_grad.float(), atol=tol, rtol=0)
+    assert torch.equal(logits, ref_logits)  # the logits are returned to the caller: never modified
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda x: FloatCrossEntropy.apply(x, targets, 4), (logits.detach().requires_grad_(),))
+
+
+@pytest.mark.parametrize("act", ["gelu", "tanh", "relu"])
+def test_activated_linear_recomputes_the_activation_with_exact_gradients(act):
+    from model.encoder import ActivationThenLinear, activation
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(2, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(4, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
+    fn = activation(act)
+    out = ActivationThenLinear.apply(pre, weight, bias, fn)
+    assert torch.equal(out, torch.nn.functional.linear(fn(pre), weight, bias))
+    assert torch.autograd.gradcheck(lambda *a: ActivationThenLinear.apply(*a, fn), (pre, weight, bias))
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 5, 13), (2, 3, 64, 64)])
+def test_pack_mask_round_trips_any_bool_tensor_at_one_bit_per_entry(shape):
+    from model.init import pack_mask, unpack_mask
+    g = torch.Generator().manual_seed(0)
+    for fill in (0.0, 0.5, 1.0):
+        mask = torch.rand(shape, generator=g) < fill
+        packed = pack_mask(mask)
+        assert packed.dtype == torch.uint8 and packed.numel() == (mask.numel() + 7) // 8
+        assert torch.equal(unpack_mask(packed, mask.shape), mask)
+    mask = torch.zeros(16, dtype=torch.bool)
+    mask[[0, 9, 15]] = True  # entry k of a group of 8 is bit k of its byte
+    assert pack_mask(mask).tolist() == [1, 2 + 128]
+
+
+def test_autocast_linear_equals_autocast_f_linear_in_value_and_gradients():
+    """Under bf16 autocast our Linear keeps the fp32 weight for backward instead of its bf16 copy;
+    the output and every gradient equal what autocast's own F.linear gives."""
+    from model.init import Linear
+    torch.manual_seed(0)
+    layer = Linear(24, 16, std=0.5)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    grad = torch.randn(3, 5, 16).bfloat16()
+    results = []
+    for ours in (True, False):
+        layer.zero_grad()
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x) if ours else torch.nn.functional.linear(x, layer.weight, layer.bias)
+        out.backward(grad)
+        results.append((out, x.grad, layer.weight.grad, layer.bias.grad))
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and torch.allclose(a.float(), b.float(), atol=1e-2, rtol=1e-2), (a - b).abs().max()
+    assert torch.equal(results[0][0], results[1][0])  # the forward is the same computation
