@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.attention import DisentangledSelfAttention, attention_mask_2d_to_4d, relative_position_index
-from model.init import Dropout, Embedding, Linear
+from model.init import Dropout, Embedding, Linear, linear_param_grads
 
 ACTIVATIONS = {"gelu": F.gelu, "tanh": torch.tanh, "relu": F.relu}
 
@@ -124,9 +124,7 @@ class ActivationThenLinear(torch.autograd.Function):
             pre_leaf = pre.detach().requires_grad_()
             activated = ctx.act(pre_leaf)
         grad = grad.to(activated.dtype)
-        flat_grad = grad.reshape(-1, grad.shape[-1])
-        grad_weight = (flat_grad.t() @ activated.detach().reshape(-1, activated.shape[-1])).to(weight.dtype)
-        grad_bias = flat_grad.sum(0).to(bias.dtype) if bias is not None else None
+        grad_weight, grad_bias = linear_param_grads(grad, activated.detach(), weight, bias)
         grad_activated = grad @ weight.to(grad.dtype)
         (grad_pre,) = torch.autograd.grad(activated, pre_leaf, grad_activated)
         return grad_pre, grad_weight, grad_bias, None

@@ -11,6 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def linear_param_grads(grad, x, weight, bias):
+    """The gradients of F.linear's weight and bias from its output's gradient and its input x (both
+    [..., features]), in the parameters' dtypes: for the autograd functions that do a Linear's backward."""
+    flat_grad = grad.reshape(-1, grad.shape[-1])
+    grad_weight = (flat_grad.t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype)
+    return grad_weight, None if bias is None else flat_grad.sum(0).to(bias.dtype)
+
+
 class AutocastLinear(torch.autograd.Function):
     """F.linear(x, weight, bias) computed in `dtype` (autocast's), keeping for backward the weight itself
     rather than its `dtype` copy, which backward makes again. Under autocast, autograd keeps each
@@ -30,11 +38,8 @@ class AutocastLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, bias = ctx.saved_tensors
         grad = grad.to(x.dtype)
-        flat_grad = grad.reshape(-1, grad.shape[-1])
-        grad_x = grad @ weight.to(x.dtype)
-        grad_weight = (flat_grad.t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype)
-        grad_bias = None if bias is None else flat_grad.sum(0).to(bias.dtype)
-        return grad_x, grad_weight, grad_bias, None
+        grad_weight, grad_bias = linear_param_grads(grad, x, weight, bias)
+        return grad @ weight.to(x.dtype), grad_weight, grad_bias, None
 
 
 def autocast_dtype_for(weight: torch.Tensor, x: torch.Tensor):

@@ -224,12 +224,17 @@ def _from_openmpi(environ):
                 "Open MPI ranks on several hosts but MASTER_ADDR is not set: "
                 "run `mpirun -x MASTER_ADDR=<host of rank 0> -x MASTER_PORT=<port> ...`"
             )
+    return _mpi_env(environ, rank, world, local_rank, local_world, addr, source="openmpi")
+
+
+def _mpi_env(environ, rank, world, local_rank, local_world, addr, source):
+    """An MPI launcher's ranks: nodes hold local_world consecutive ranks each, the port from MASTER_PORT."""
     return DistEnv(
         rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world,
         node_rank=rank // max(local_world, 1),
         master_addr=addr,
         master_port=_int(environ, "MASTER_PORT", TORCH_DEFAULT_PORT),
-        source="openmpi",
+        source=source,
     )
 
 
@@ -244,13 +249,7 @@ def _from_pmi(environ):
             raise LaunchError("PMI ranks on several hosts but MASTER_ADDR is not set: "
                               "pass it to the launcher (e.g. mpiexec -genv MASTER_ADDR <host of rank 0>)")
         addr = "127.0.0.1"
-    return DistEnv(
-        rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world,
-        node_rank=rank // max(local_world, 1),
-        master_addr=addr,
-        master_port=_int(environ, "MASTER_PORT", TORCH_DEFAULT_PORT),
-        source="pmi",
-    )
+    return _mpi_env(environ, rank, world, local_rank, local_world, addr, source="pmi")
 
 
 def _in_slurm_step(environ):
