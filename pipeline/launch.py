@@ -466,6 +466,9 @@ def main_check():
           f"mpi_check={mpi.split()[0]}",
           flush=True)
     sys.stderr.flush()
+    dist.barrier()  # every rank has printed before any exits
+    if "mpi4py.MPI" in sys.modules:  # MPI was initialised: without MPI_Finalize, mpirun calls the exit improper
+        sys.modules["mpi4py.MPI"].Finalize()
     os._exit(0)
 
 
