@@ -1,47 +1,73 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, in one go (about 8 minutes on one H100/H200; each part has its own time limit), from the repository root:
-#   bash bench/gpu_checks.sh      -> reports in $OUT (or ./gpu_out)
+# Every check that needs a GPU, in one go (about 6 minutes on one H100/H200; each part has its own time
+# limit), from the repository root:
+#   bash bench/gpu_checks.sh            -> reports in $OUT (or ./gpu_out)
+#   PARTS="0 2" bash bench/gpu_checks.sh   only those parts
+#  0. the Triton relative-bias kernels against the torch path on CUDA (bench/gpu_kernels_check.py)
 #  1. the full 1.5B forward, ours vs transformers, fp32 on the GPU (bench/parity_1p5b.py)
-#  2. the GPU benchmark: attention alone and whole training/inference steps vs transformers (bench/gpu.sh)
-#  3. pretraining the 1.5B preset under DeepSpeed ZeRO-3, bf16, one GPU, a few steps (tokens/s, MFU)
-#  4. fp16 with DeepSpeed's dynamic loss scaling (the CPU accelerator has no fp16)
-# Data for 3-4: shards of the demo corpus in $GPU_DATA (512- and 128-token). DeepSpeed and what it needs
+#  2. where a 1.5B training step spends its time: attention alone, whole steps, kernel tables (bench/gpu_profile.py)
+#  3. training and inference steps vs transformers, 1.5B, bf16, batch 16 (bench/train_step.py)
+#  4. pretraining the 1.5B preset under DeepSpeed ZeRO-3, bf16, one GPU, a few steps (tokens/s, MFU)
+#  5. fp16 with DeepSpeed's dynamic loss scaling (the CPU accelerator has no fp16)
+# Data for 4-5: shards of the demo corpus in $GPU_DATA (512- and 128-token). DeepSpeed and what it needs
 # beyond the machine's image come as wheels in .whl/ when the machine has no network.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"
+PARTS="${PARTS:-0 1 2 3 4 5}"
 mkdir -p "$OUT"
 GPU_DATA="${GPU_DATA:-.gpu_data}"
+ATTENTION_IMPL="${ATTENTION_IMPL:-sdpa}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ! python3 -c "import deepspeed" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+part() { [[ " $PARTS " == *" $1 "* ]]; }
 
-echo "== 1. 1.5B parity (fp32, cuda)"
-timeout 80 python3 bench/parity_1p5b.py --device cuda --batch 2 --seq 512 --pad-from 400 2>&1 | tail -5 | tee "$OUT/parity.txt"
+if part 0; then
+    echo "== 0. Triton relative-bias kernels vs the torch path"
+    timeout 90 python3 bench/gpu_kernels_check.py 2>&1 | tail -8 | tee "$OUT/kernels.txt"
+fi
 
-echo "== 2. benchmark vs transformers"
-timeout 230 bash bench/gpu.sh 2>&1 | tail -60 > "$OUT/gpu_bench.log"
-cp -f gpu_bench.txt "$OUT/" 2>/dev/null || true
+if part 1; then
+    echo "== 1. 1.5B parity (fp32, cuda)"
+    timeout 80 python3 bench/parity_1p5b.py --device cuda --batch 2 --seq 512 --pad-from 400 2>&1 | tail -5 | tee "$OUT/parity.txt"
+fi
 
-echo "== 3. pretraining the 1.5B preset, ZeRO-3 bf16, 1 GPU"
-rm -rf /tmp/run_xxl
-timeout 130 python3 -m torch.distributed.run --nproc_per_node 1 -m pipeline.pretrain \
-    --config configs/pretrain_xxlarge.json --deepspeed ds_configs/zero3_bf16.json \
-    --data-dir "$GPU_DATA/shards512" --output-dir /tmp/run_xxl \
-    --set global_batch_size=8 --set micro_batch_size=8 --set max_steps=16 --set log_interval=4 \
-    --set save_interval=1000 --set warmup_steps=4 2>&1 | grep -v "^\[20" | tail -15 | tee "$OUT/pretrain_xxlarge.txt"
+if part 2; then
+    echo "== 2. profile: attention alone, whole steps (reference and sdpa), kernel tables"
+    timeout 120 python3 bench/gpu_profile.py --skip-flex --out "$OUT/profile.txt" > "$OUT/profile.log" 2>&1
+    grep -E "^(theirs|reference|sdpa|==|--)" "$OUT/profile.txt"
+fi
 
-echo "== 4. fp16 with dynamic loss scaling (tiny model, 2 modes)"
-for mode in zero3 pipeline; do
-    rm -rf /tmp/run_fp16_$mode
-    ds=ds_configs/cpu_zero3_fp32.json; [ $mode = pipeline ] && ds=ds_configs/cpu_pipeline_fp32.json
-    timeout 45 python3 -m torch.distributed.run --nproc_per_node 1 -m pipeline.pretrain \
-        --config configs/pretrain_tiny_cpu.json --deepspeed $ds --data-dir "$GPU_DATA/shards128" \
-        --output-dir /tmp/run_fp16_$mode --set mode=$mode --set max_steps=30 --set log_interval=10 \
-        --ds fp16.enabled=true --ds fp16.initial_scale_power=16 2>&1 | grep -v "^\[20" | tail -6 \
-        | tee "$OUT/fp16_$mode.txt"
-done
+if part 3; then
+    echo "== 3. training and inference vs transformers, batch 16, attention $ATTENTION_IMPL"
+    timeout 150 python3 bench/train_step.py --device cuda --preset xxlarge --dtype bf16 --batch 16 --warmup 2 \
+        --steps 3 --rounds 2 --attention-impl "$ATTENTION_IMPL" 2>&1 | tail -20 | tee "$OUT/train_step.txt"
+fi
+
+if part 4; then
+    echo "== 4. pretraining the 1.5B preset, ZeRO-3 bf16, 1 GPU"
+    rm -rf /tmp/run_xxl
+    timeout 120 python3 -m torch.distributed.run --nproc_per_node 1 -m pipeline.pretrain \
+        --config configs/pretrain_xxlarge.json --deepspeed ds_configs/zero3_bf16.json \
+        --data-dir "$GPU_DATA/shards512" --output-dir /tmp/run_xxl \
+        --set global_batch_size=8 --set micro_batch_size=8 --set max_steps=16 --set log_interval=4 \
+        --set save_interval=1000 --set warmup_steps=4 2>&1 | grep -v "^\[20" | tail -15 | tee "$OUT/pretrain_xxlarge.txt"
+fi
+
+if part 5; then
+    echo "== 5. fp16 with dynamic loss scaling (tiny model, 2 modes)"
+    for mode in zero3 pipeline; do
+        rm -rf /tmp/run_fp16_$mode
+        ds=ds_configs/cpu_zero3_fp32.json; [ $mode = pipeline ] && ds=ds_configs/cpu_pipeline_fp32.json
+        timeout 45 python3 -m torch.distributed.run --nproc_per_node 1 -m pipeline.pretrain \
+            --config configs/pretrain_tiny_cpu.json --deepspeed $ds --data-dir "$GPU_DATA/shards128" \
+            --output-dir /tmp/run_fp16_$mode --set mode=$mode --set max_steps=30 --set log_interval=10 \
+            --ds fp16.enabled=true --ds fp16.initial_scale_power=16 2>&1 | grep -v "^\[20" | tail -6 \
+            | tee "$OUT/fp16_$mode.txt"
+    done
+fi
 ls -la "$OUT"

@@ -24,6 +24,10 @@ SoftmaxDropoutMatmul) and "sdpa" (torch's scaled_dot_product_attention with c2p 
 mask as one additive mask: on CUDA the memory-efficient kernel then keeps no probabilities; on the CPU
 a mask that needs a gradient takes SDPA's math path, which is no faster than "reference"; in bf16
 inference on 2 cores SDPA was faster in a fresh process but slower once the allocator is warm).
+"auto" (the default) takes "sdpa" on CUDA and "reference" elsewhere: a 1.5B training step at batch
+16 x 512 on an H200 ran at 1.64x transformers' tokens/s with "sdpa" and 1.37x with "reference".
+On CUDA the square relative bias comes from Triton kernels (model/relative_kernels.py) when triton
+imports.
 
 Padded query rows: the mask is m_i·m_j, so a padded query row has every key masked. We fill masked
 scores with the dtype's most negative value before softmax, which makes such a row attend uniformly
@@ -36,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.init import Dropout, Linear, dropout_keep_mask, pack_mask, unpack_mask
+from model import relative_kernels
+from model.init import Dropout, Linear, draw_keep, dropout_scale, generator_state, keep_as, repeat_draws
 
 
 def log_bucket_position(relative_pos: torch.Tensor, bucket_size: int, max_position: int) -> torch.Tensor:
@@ -76,6 +81,13 @@ def attention_mask_2d_to_4d(mask: torch.Tensor) -> torch.Tensor:
     if mask.dim() == 4:
         return mask.bool()
     raise ValueError(f"attention mask must have 2, 3 or 4 dimensions, got shape {tuple(mask.shape)}")
+
+
+def attention_mask_4d(mask: torch.Tensor):
+    """attention_mask_2d_to_4d's mask, or None when it allows every pair (a batch without padding, as
+    packed pretraining batches are): the attention then fills nothing, in forward or backward. The check
+    reads one bool on the host once per forward; on a GPU that waits for the work queued before it."""
+    return None if bool(mask.all()) else attention_mask_2d_to_4d(mask)
 
 
 def distance_index(rel_index: torch.Tensor) -> torch.Tensor:
@@ -211,50 +223,62 @@ class GatherLast(torch.autograd.Function):
 
 class SoftmaxDropoutMatmul(torch.autograd.Function):
     """dropout(softmax(scores with ~mask filled with the dtype's minimum)) @ v, keeping for backward the
-    probabilities, the dropout mask (as bits: pack_mask), the attention mask and v. Autograd would also keep the
-    dropped probabilities, one more [B, H, N, N] per layer; here they are recomputed in backward (one
-    multiplication). The dropout scale is applied to v and to the incoming gradient ([B, H, N, d])
-    instead of to [B, H, N, N] tensors, and softmax's backward and the mask's run in place in the
-    gradient of the probabilities (on the CPU): backward holds two [B, H, N, N] tensors, not three.
-    Dropout: each entry kept with probability 1 - p, scaled by 1 / (1 - p) (dropout_keep_mask)."""
+    probabilities, the attention mask, v and the random generator's state before the dropout draw.
+    Autograd would also keep the dropped probabilities and the dropout mask, two more [B, H, N, N]
+    tensors per layer; here backward draws the same mask again from the saved state (cheaper than
+    storing it and reading it back, even as bits) and recomputes the dropped probabilities (one
+    multiplication). The mask multiplies as 1.0 / 0.0 in the probabilities' dtype (keep_as), the dropout
+    scale is applied to v and to the incoming gradient ([B, H, N, d]) instead of to [B, H, N, N]
+    tensors, and softmax's backward runs in place in the gradient of the probabilities (on the CPU):
+    backward holds two [B, H, N, N] tensors, not three.
+    Dropout: each entry kept with probability 1 - p, scaled by 1 / (1 - p) (draw_keep, dropout_scale)."""
 
     @staticmethod
     def forward(ctx, scores, mask, v, p):
         # scores are filled in place: the caller's own sum, which no other autograd node saved (one
         # that did would raise in backward, as any in-place change does); backward masks the gradient.
-        # On the CPU the softmax also runs in place (bitwise equal, tested): a new [B, H, N, N] tensor
-        # costs more than the softmax itself there, its pages faulted in on first touch.
-        scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+        # mask None: every key of every row is allowed (no padding in the batch), nothing to fill.
+        if mask is not None:
+            scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+        # The probabilities in the scores' dtype (the kernel sums in fp32 for bf16/fp16 inputs), as
+        # flash attention keeps them for its P·V product. torch.softmax would be cast to fp32 by CUDA's
+        # autocast: fp32 [B, H, N, N] passes, casts back for P·V, and fp32 matmuls in this backward
+        # (about 15% of a 1.5B training step on an H200). _softmax has no autocast rule on any device.
+        # On the CPU it also runs in place (bitwise equal, tested): a new [B, H, N, N] tensor costs
+        # more than the softmax itself there, its pages faulted in on first touch.
         out = scores if scores.device.type == "cpu" and scores.is_contiguous() else None
-        probs = torch._softmax(scores, -1, False, out=out) if out is not None else torch.softmax(scores, dim=-1)
-        ctx.v_dtype = v.dtype
+        probs = torch._softmax(scores, -1, False, out=out) if out is not None else torch._softmax(scores, -1, False)
+        ctx.v_dtype, ctx.p = v.dtype, p
         v = v.to(probs.dtype)  # under autocast the probabilities may be bf16 while v is not
+        ctx.save_for_backward(probs, mask, v)
         if p == 0:
-            ctx.scale = None
-            ctx.save_for_backward(probs, None, mask, v)
             return torch.matmul(probs, v)
-        keep, ctx.scale = dropout_keep_mask(probs.shape, p, probs.device)
-        ctx.save_for_backward(probs, pack_mask(keep), mask, v)  # the mask as bits: 1/8 of a bool tensor
-        return torch.matmul(torch.mul(probs, keep), v * ctx.scale)
+        ctx.rng_state = generator_state(probs.device)
+        keep = keep_as(draw_keep(probs.shape, p, probs.device), probs.dtype)
+        return torch.matmul(probs.mul(keep), v * dropout_scale(p)[1])
 
     @staticmethod
     def backward(ctx, grad):
-        probs, packed_keep, mask, v = ctx.saved_tensors
-        keep = None if packed_keep is None else unpack_mask(packed_keep, probs.shape)
+        probs, mask, v = ctx.saved_tensors
         grad = grad.to(probs.dtype)
-        if keep is not None:
-            grad = grad * ctx.scale
-        dropped = probs if keep is None else torch.mul(probs, keep)
+        keep = None
+        if ctx.p:  # the forward's mask, drawn again
+            generator = repeat_draws(probs.device, ctx.rng_state)
+            keep = keep_as(draw_keep(probs.shape, ctx.p, probs.device, generator), probs.dtype)
+            grad = grad * dropout_scale(ctx.p)[1]
+        dropped = probs if keep is None else probs.mul(keep)
         grad_v = torch.matmul(dropped.transpose(-1, -2), grad).to(ctx.v_dtype)
         del dropped
         grad_scores = torch.matmul(grad, v.transpose(-1, -2))  # the gradient of the probabilities
         if keep is not None:
             grad_scores.mul_(keep)
+        del keep
         # softmax's backward (what autograd calls), probs · (g - Σ g·probs); on the CPU in place (the
         # kernel reads each row before writing it: bitwise equal to the out-of-place call, tested)
         out = grad_scores if grad_scores.device.type == "cpu" else None
         grad_scores = torch._softmax_backward_data(grad_scores, probs, -1, probs.dtype, grad_input=out)
-        grad_scores.masked_fill_(~mask, 0)  # masked_fill's backward
+        if mask is not None:
+            grad_scores.masked_fill_(~mask, 0)  # masked_fill's backward
         return grad_scores, None, grad_v, None
 
 
@@ -315,14 +339,15 @@ class DisentangledSelfAttention(nn.Module):
 
     def forward(self, hidden_states, mask4d, rel_index=None, rel_embeddings=None, query_states=None):
         """hidden_states [B, Nk, D] give keys and values; query_states [B, Nq, D] (EMD) or None.
-        mask4d: bool [B, 1, Nq, Nk]; rel_index: [Nq, Nk] or [B, Nq, Nk] rows of rel_embeddings [2k, D]."""
+        mask4d: bool [B, 1, Nq, Nk], or None where every pair is allowed; rel_index: [Nq, Nk] or [B, Nq, Nk] rows of rel_embeddings [2k, D]."""
         q, k, v = self.project(hidden_states, query_states)
         q = q * (1.0 / self.scale)  # every term is divided by the scale: once here, on a small tensor
         relative = self.relative_attention and bool(self.pos_att_type)
         if relative:
             rel_embeddings = self.pos_dropout(rel_embeddings)[: 2 * self.att_span]
         bias = self.relative_bias(q, k, rel_index, rel_embeddings) if relative else None
-        if self.impl == "sdpa":
+        impl = self.impl if self.impl != "auto" else ("sdpa" if q.is_cuda else "reference")
+        if impl == "sdpa":
             context = self.sdpa(q, k, v, bias, mask4d)
         else:
             context = self.reference(content_scores(q, k, bias), v, mask4d)
@@ -347,7 +372,8 @@ class DisentangledSelfAttention(nn.Module):
             reverse = torch.cat([by_distance[:-1].flip(0), by_distance[-1:]])  # p2c reads i - j from j's side
             c2p_table = self.position_keys(rel_embeddings, "c2p")[..., by_distance, :] if c2p else None
             p2c_table = self.position_keys(rel_embeddings, "p2c")[..., reverse, :] * (1.0 / self.scale) if p2c else None
-            return RelativeBias.apply(q, k, c2p_table, p2c_table, RELATIVE_BLOCK)
+            function = relative_kernels.RelativeBiasTriton if relative_kernels.available(q) else RelativeBias
+            return function.apply(q, k, c2p_table, p2c_table, RELATIVE_BLOCK)
         # any other index (the EMD's selected query rows: [B, Nq, Nk]): gather from [B, H, N, 2k], as the
         # official code does. Each term is copied to [B·H, Nq, Nk] before the add (p2c's is transposed,
         # and adding a transposed view reads it element by element, several times slower than a copy).
@@ -373,10 +399,13 @@ class DisentangledSelfAttention(nn.Module):
         no probabilities (it recomputes them in backward). On the CPU a mask that needs a gradient takes
         the math path, no faster than `reference`."""
         if bias is None:
+            if mask4d is None:
+                return F.scaled_dot_product_attention(q, k, v, scale=1.0, dropout_p=self.dropout_p if self.training else 0.0)
             additive = torch.zeros(mask4d.shape, dtype=q.dtype, device=q.device)
         else:
             additive = bias.view(*q.shape[:2], *bias.shape[1:]).to(q.dtype)  # in bf16 autocast bias is bf16 already
-        # in place: bias is add_relative's own sum, which nothing else reads
-        additive = additive.masked_fill_(~mask4d, torch.finfo(q.dtype).min)
+        # in place: bias is relative_bias's own sum, which nothing else reads
+        if mask4d is not None:
+            additive = additive.masked_fill_(~mask4d, torch.finfo(q.dtype).min)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=1.0,
                                               dropout_p=self.dropout_p if self.training else 0.0)

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-ATTENTION_IMPLS = ("reference", "sdpa")
+ATTENTION_IMPLS = ("auto", "reference", "sdpa")
 
 
 @dataclass
@@ -46,7 +46,8 @@ class DebertaConfig:
     pooler_hidden_size: Optional[int] = None
     cls_dropout: Optional[float] = None  # None: hidden_dropout_prob
     # ours (transformers keeps unknown keys as attributes and ignores them)
-    attention_impl: str = "reference"  # "reference" (eager, like the papers' code) or "sdpa"
+    # "reference" (eager, like the papers' code), "sdpa", or "auto": sdpa on CUDA, reference elsewhere
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.pos_att_type, str):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention import DisentangledSelfAttention, attention_mask_2d_to_4d, relative_position_index
+from model.attention import DisentangledSelfAttention, attention_mask_4d, relative_position_index
 from model.init import Dropout, Embedding, Linear, linear_param_grads
 
 ACTIVATIONS = {"gelu": F.gelu, "tanh": torch.tanh, "relu": F.relu}
@@ -199,7 +199,7 @@ class ConvLayer(nn.Module):
 class AttentionInputs(NamedTuple):
     """What every layer of one forward shares: computed once per forward, not once per layer.
     A NamedTuple so that DeepSpeed's module hooks see the tensors inside."""
-    mask4d: torch.Tensor  # bool [B, 1, N, N]
+    mask4d: Optional[torch.Tensor]  # bool [B, 1, N, N]; None: no padding, every pair allowed
     rel_index: Optional[torch.Tensor]  # long [N, N]
     rel_embeddings: Optional[torch.Tensor]  # [2k, D], normalised
 
@@ -233,9 +233,9 @@ class Encoder(nn.Module):
 
     def attention_inputs(self, input_mask, seq_len) -> AttentionInputs:
         if not self.config.relative_attention:
-            return AttentionInputs(attention_mask_2d_to_4d(input_mask), None, None)
+            return AttentionInputs(attention_mask_4d(input_mask), None, None)
         rel_index = relative_position_index(seq_len, seq_len, self.config, device=input_mask.device)
-        return AttentionInputs(attention_mask_2d_to_4d(input_mask), rel_index, self.relative_embeddings())
+        return AttentionInputs(attention_mask_4d(input_mask), rel_index, self.relative_embeddings())
 
     def run_layer(self, layer, hidden, shared: AttentionInputs, query_states=None):
         args = (hidden, shared.mask4d, shared.rel_index, shared.rel_embeddings, query_states)

@@ -129,7 +129,7 @@ class DebertaForMaskedLM(nn.Module):
         query = self.deberta.embeddings.position_embeddings(position_ids.expand(B, N)[batch, rows]) \
             + hidden_prev[batch, rows]
         rel_index = shared.rel_index
-        selected = AttentionInputs(shared.mask4d[batch, 0, rows][:, None],  # [B, 1, M, N]
+        selected = AttentionInputs(None if shared.mask4d is None else shared.mask4d[batch, 0, rows][:, None],  # [B, 1, M, N]
                                    None if rel_index is None else rel_index[rows] if rel_index.dim() == 2
                                    else rel_index[batch, rows],
                                    shared.rel_embeddings)

@@ -80,34 +80,73 @@ class Embedding(nn.Embedding):
                 self.weight[self.padding_idx].zero_()
 
 
-def dropout_keep_mask(shape, p, device=None):
-    """A bool keep-mask for inverted dropout, and its scale: each entry kept independently with
-    probability t / 2^16, t = round((1 - p) · 2^16) (within 8e-6 of 1 - p), scale = 2^16 / t, so that
-    E[keep · scale] = 1 exactly. Drawn as 16 random bits per entry (four from one 64-bit draw) and one
-    comparison: less than half the time of bernoulli_ on the CPU, which draws 32 bits per entry.
-    Uses torch's default generator, so torch.manual_seed reproduces it."""
-    threshold = round((1 - p) * 65536)
+# Dropout draws 16 random bits per entry (four entries share one 64-bit draw) and keeps the entry when
+# they are below 2t - 2^15 as an int16, t = round((1 - p) · 2^15): probability t / 2^15 (within 1.6e-5
+# of 1 - p); kept entries are scaled by 2^15 / t, so that E[keep · scale] = 1 exactly.
+
+
+def dropout_scale(p):
+    """(t, scale) for dropout probability p: keep probability t / 2^15, scale 2^15 / t."""
+    t = min(max(round((1 - p) * 2 ** 15), 1), 2 ** 15 - 1)
+    return t, 2 ** 15 / t
+
+
+def keep_from_bits(bits: torch.Tensor, p, as_int16: bool) -> torch.Tensor:
+    """The keep mask of int16 random bits: bool (bits < 2t - 2^15), or as_int16 the same entries as
+    -1 (all bits set: kept) and 0, by int16 arithmetic only: bits >> 1 < t - 2^14 is the same test, and
+    its difference cannot overflow, so the difference's sign (an arithmetic shift by 15) is the mask."""
+    t = dropout_scale(p)[0]
+    if as_int16:
+        return ((bits >> 1) - (t - 2 ** 14)) >> 15
+    return bits < 2 * t - 2 ** 15
+
+
+def draw_keep(shape, p, device=None, generator=None) -> torch.Tensor:
+    """A keep mask for inverted dropout, in the form the device multiplies by fastest: on the CPU int16
+    -1 / 0 (keep_as turns it into 1.0 / 0.0 of a float dtype with one bitwise and: bool tensors are
+    several times slower to make and to multiply by there, their loads not vectorised); elsewhere bool,
+    which CUDA kernels cast as they multiply."""
     numel = math.prod(shape)
-    bits = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None)
-    keep = bits.view(torch.int16)[:numel].view(shape) < threshold - 32768
-    return keep, 65536 / threshold
+    bits = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None, generator=generator)
+    bits = bits.view(torch.int16)[:numel].view(shape)
+    return keep_from_bits(bits, p, as_int16=bits.device.type == "cpu")
 
 
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A bool tensor's entries as bits, eight per byte (uint8 [ceil(numel / 8)]): an eighth of the memory.
-    Each group of 8 bools is read as one int64 whose bytes are 0 or 1; multiplying by 0x0102040810204080
-    moves byte k's bit to bit 56 + k with no carries (no two byte/bit pairs land on one bit), so the top
-    byte holds the group (the multiplication wraps modulo 2^64, as int64 arithmetic does in torch)."""
-    flat = mask.reshape(-1).view(torch.uint8)
-    if flat.numel() % 8:
-        flat = torch.cat([flat, flat.new_zeros(8 - flat.numel() % 8)])
-    return ((flat.view(torch.int64) * 0x0102040810204080) >> 56).to(torch.uint8)
+ONE_BITS = {torch.bfloat16: (torch.int16, 0x3F80), torch.float16: (torch.int16, 0x3C00),
+            torch.float32: (torch.int32, 0x3F800000), torch.float64: (torch.int64, 0x3FF0000000000000)}
 
 
-def unpack_mask(packed: torch.Tensor, shape) -> torch.Tensor:
-    """pack_mask's inverse: each byte repeated into the 8 bytes of an int64, byte k keeping bit k."""
-    spread = (packed.to(torch.int64) * 0x0101010101010101) & (0x8040201008040201 - 2 ** 64)
-    return (spread.view(torch.uint8) != 0)[: math.prod(shape)].view(shape)
+def keep_as(keep: torch.Tensor, dtype) -> torch.Tensor:
+    """draw_keep's mask as a multiplier for `dtype`: a bool mask as it is; an int16 one as 1.0 / 0.0 in
+    `dtype`, built from the bit pattern of 1.0 (no conversion)."""
+    if keep.dtype == torch.bool:
+        return keep
+    if dtype not in ONE_BITS:
+        return keep.ne(0).to(dtype)
+    int_type, one = ONE_BITS[dtype]
+    return (keep.to(int_type) & one).view(dtype)
+
+
+def dropout_keep_mask(shape, p, device=None, generator=None):
+    """A bool keep-mask for inverted dropout (draw_keep's), and its scale."""
+    keep = draw_keep(shape, p, device, generator)
+    return keep if keep.dtype == torch.bool else keep.ne(0), dropout_scale(p)[1]
+
+
+def generator_state(device):
+    """The state of the default generator of `device`: drawing again from a generator set to it repeats
+    the draws that follow (repeat_draws)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.default_generator.get_state()
+    return torch.get_device_module(device.type).default_generators[device.index or 0].get_state()
+
+
+def repeat_draws(device, state):
+    """A new generator on `device` at `state` (generator_state's), leaving the default one alone."""
+    generator = torch.Generator(device=device)
+    generator.set_state(state)
+    return generator
 
 
 class Dropout(nn.Dropout):

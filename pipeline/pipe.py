@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from torch import nn
 
-from model.attention import attention_mask_2d_to_4d, relative_position_index
+from model.attention import attention_mask_4d, relative_position_index
 from model.encoder import ConvLayer, Embeddings, Layer, activation, relative_table
 from model.heads import IGNORE_INDEX
 from model.init import Embedding, Linear
@@ -96,7 +96,7 @@ class Block(nn.Module):
         n = attention_mask.shape[1]
         rel_index = relative_position_index(n, n, self.config, attention_mask.device) \
             if self.config.relative_attention else None
-        return attention_mask_2d_to_4d(attention_mask), rel_index, rel if self.config.relative_attention else None
+        return attention_mask_4d(attention_mask), rel_index, rel if self.config.relative_attention else None
 
     def forward(self, inputs):
         hidden, attention_mask, labels, rel = inputs

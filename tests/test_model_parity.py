@@ -251,7 +251,11 @@ def test_relative_bias_equals_the_gathered_terms_and_has_exact_gradients(block, 
 
 
 def test_softmax_dropout_matmul_matches_autograd_with_the_same_mask():
-    from model.attention import SoftmaxDropoutMatmul, dropout_keep_mask
+    """Backward draws the forward's dropout mask again from the generator state saved in forward: the
+    gradients are those of autograd with that mask, also when other draws come in between, and the
+    default generator advances by the forward's one draw only."""
+    from model.attention import SoftmaxDropoutMatmul
+    from model.init import dropout_keep_mask
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=g, requires_grad=True)
     v = torch.randn(2, 3, 6, 4, dtype=torch.float64, generator=g, requires_grad=True)
@@ -260,9 +264,12 @@ def test_softmax_dropout_matmul_matches_autograd_with_the_same_mask():
     mask[1, 0, 2] = False  # a row with every key masked attends uniformly
     torch.manual_seed(5)
     out = SoftmaxDropoutMatmul.apply(scores.clone(), mask, v, 0.3)  # scores are filled in place
+    after_forward = torch.rand(3)  # a draw between forward and backward
     got = torch.autograd.grad(out, (scores, v), grad)
+    after_backward = torch.rand(3)
     torch.manual_seed(5)  # the same draws give the same mask
     keep, scale = dropout_keep_mask(scores.shape, 0.3)
+    assert torch.equal(torch.rand(3), after_forward) and torch.equal(torch.rand(3), after_backward)
     assert 0 < keep.sum() < keep.numel()
     probs = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), -1)
     ref = torch.matmul(probs * keep * scale, v)
@@ -273,12 +280,12 @@ def test_softmax_dropout_matmul_matches_autograd_with_the_same_mask():
 
 
 def test_dropout_keep_mask_is_an_inverted_dropout_with_keep_probability_1_minus_p():
-    from model.attention import dropout_keep_mask
+    from model.init import dropout_keep_mask
     torch.manual_seed(0)
     for p in (0.1, 0.3, 0.5):
         keep, scale = dropout_keep_mask((3, 1000, 1001), p)  # an odd count: the last 64-bit draw is partial
         assert keep.dtype == torch.bool and keep.shape == (3, 1000, 1001)
-        assert abs(scale * (1 - p) - 1) < 1e-4  # keep probability within 8e-6 of 1 - p
+        assert abs(scale * (1 - p) - 1) < 1e-4  # keep probability within 1.6e-5 of 1 - p
         frac = keep.double().mean().item()  # 3M draws: standard error below 3e-4
         assert abs(frac - (1 - p)) < 2e-3, (p, frac)
         assert abs(frac * scale - 1) < 3e-3
@@ -295,10 +302,29 @@ def test_dropout_module_is_an_inverted_dropout_and_the_identity_in_eval():
     y = d(x)
     keep = y != 0
     assert abs(keep.double().mean().item() - 0.8) < 3e-3
-    assert torch.allclose(y[keep], x[keep] / 0.8, rtol=1e-4)  # scale 2^16 / round(0.8 · 2^16)
+    assert torch.allclose(y[keep], x[keep] / 0.8, rtol=1e-4)  # scale 2^15 / round(0.8 · 2^15)
     (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
-    assert torch.equal(grad, keep.double() * (65536 / round(0.8 * 65536)))  # the same mask and scale in backward
+    assert torch.equal(grad, keep.double() * (2 ** 15 / round(0.8 * 2 ** 15)))  # the same mask and scale in backward
     assert d.eval()(x) is x and isinstance(d, torch.nn.Dropout)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int32])
+def test_keep_mask_as_ones_and_zeros_of_any_dtype(dtype):
+    """draw_keep's int16 mask (-1 kept, 0 dropped) as exactly 1.0 and +0.0 in the probabilities' dtype."""
+    from model.init import draw_keep, keep_as, keep_from_bits
+    torch.manual_seed(0)
+    keep = draw_keep((5, 7, 9), 0.3)
+    assert keep.dtype == torch.int16 and set(keep.unique().tolist()) == {-1, 0}
+    ones = keep_as(keep, dtype)
+    assert ones.dtype == dtype and torch.equal(ones, (keep != 0).to(dtype))
+    if dtype.is_floating_point:
+        assert not torch.signbit(ones).any()  # +0.0, never -0.0
+    # the bool form (other devices) keeps the same entries, at every int16 value and several p
+    bits = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16)
+    for p in (0.0001, 0.1, 0.5, 0.9, 0.9999):
+        as_bool = keep_from_bits(bits, p, as_int16=False)
+        assert torch.equal(keep_from_bits(bits, p, as_int16=True) != 0, as_bool)
+        assert as_bool.sum().item() == round((1 - p) * 2 ** 15) * 2  # probability t / 2^15
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -352,20 +378,6 @@ def test_activated_linear_recomputes_the_activation_with_exact_gradients(act):
     assert torch.autograd.gradcheck(lambda *a: ActivationThenLinear.apply(*a, fn), (pre, weight, bias))
 
 
-@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 5, 13), (2, 3, 64, 64)])
-def test_pack_mask_round_trips_any_bool_tensor_at_one_bit_per_entry(shape):
-    from model.init import pack_mask, unpack_mask
-    g = torch.Generator().manual_seed(0)
-    for fill in (0.0, 0.5, 1.0):
-        mask = torch.rand(shape, generator=g) < fill
-        packed = pack_mask(mask)
-        assert packed.dtype == torch.uint8 and packed.numel() == (mask.numel() + 7) // 8
-        assert torch.equal(unpack_mask(packed, mask.shape), mask)
-    mask = torch.zeros(16, dtype=torch.bool)
-    mask[[0, 9, 15]] = True  # entry k of a group of 8 is bit k of its byte
-    assert pack_mask(mask).tolist() == [1, 2 + 128]
-
-
 def test_autocast_linear_equals_autocast_f_linear_in_value_and_gradients():
     """Under bf16 autocast our Linear keeps the fp32 weight for backward instead of its bf16 copy;
     the output and every gradient equal what autocast's own F.linear gives."""
@@ -385,3 +397,65 @@ def test_autocast_linear_equals_autocast_f_linear_in_value_and_gradients():
     for a, b in zip(*results):
         assert a.dtype == b.dtype and torch.allclose(a.float(), b.float(), atol=1e-2, rtol=1e-2), (a - b).abs().max()
     assert torch.equal(results[0][0], results[1][0])  # the forward is the same computation
+
+
+@pytest.mark.parametrize("impl", ["reference", "sdpa"])
+def test_no_padding_skips_the_mask_and_changes_nothing(impl, monkeypatch):
+    """A batch without padding gets mask4d None (attention_mask_4d): forward and gradients, dropout on,
+    equal bitwise those of the same batch through the masked path; a padded batch keeps its mask."""
+    import model.encoder
+    from model import DebertaForMaskedLM
+    from model.attention import attention_mask_2d_to_4d, attention_mask_4d
+    ids, mask = batch(16)
+    assert attention_mask_4d(mask) is None
+    assert torch.equal(attention_mask_4d(batch(16, pad_from=9)[1]), attention_mask_2d_to_4d(batch(16, pad_from=9)[1]))
+    torch.manual_seed(0)
+    mlm = DebertaForMaskedLM(CONFIGS["v2"].replace(attention_impl=impl)).train()
+    labels = torch.where(torch.arange(16) % 3 == 0, ids, -100)
+
+    def loss_and_grads():
+        torch.manual_seed(1)  # the same dropout draws
+        loss = mlm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        return loss, torch.autograd.grad(loss, list(mlm.parameters()), allow_unused=True)
+
+    loss, grads = loss_and_grads()
+    monkeypatch.setattr(model.encoder, "attention_mask_4d", attention_mask_2d_to_4d)  # always a mask
+    masked_loss, masked_grads = loss_and_grads()
+    assert torch.equal(loss, masked_loss)
+    assert sum(g is not None for g in grads) > 10
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grads, masked_grads))
+
+
+def test_attention_probabilities_keep_the_scores_dtype_under_autocast():
+    """The probabilities are computed by _softmax, which no autocast rule casts: bf16 scores give bf16
+    probabilities (the kernel sums in fp32), as SDPA and flash attention keep them; torch.softmax is cast
+    to fp32 by CUDA's autocast (not by the CPU's, so only the op choice can be checked here)."""
+    from model.attention import SoftmaxDropoutMatmul
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("aten::_softmax", "AutocastCUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("aten::softmax.int", "AutocastCUDA")
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 3, 8, 8, generator=g).bfloat16().requires_grad_()
+    v = torch.randn(2, 3, 8, 4, generator=g).bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = SoftmaxDropoutMatmul.apply(scores.clone(), None, v, 0.0)
+    out.float().sum().backward()
+    expected = torch.softmax(scores.float(), -1) @ v.float()
+    assert out.dtype == torch.bfloat16 and (out.float() - expected).abs().max() < 2e-2
+    assert scores.grad.dtype == torch.bfloat16 and v.grad.dtype == torch.bfloat16
+
+
+def test_auto_attention_is_the_reference_path_off_cuda():
+    """attention_impl "auto" (the default) takes "reference" on the CPU ("sdpa" on CUDA): bitwise equal."""
+    from model import DebertaModel
+    assert preset("tiny").attention_impl == "auto"
+    ids, mask = batch(12, pad_from=7)
+    torch.manual_seed(0)
+    auto = DebertaModel(CONFIGS["v2"]).eval()
+    reference = DebertaModel(CONFIGS["v2"].replace(attention_impl="reference")).eval()
+    reference.load_state_dict(auto.state_dict())
+    sdpa = DebertaModel(CONFIGS["v2"].replace(attention_impl="sdpa")).eval()
+    sdpa.load_state_dict(auto.state_dict())
+    with torch.no_grad():
+        out = auto(ids, mask).last_hidden_state
+        assert torch.equal(out, reference(ids, mask).last_hidden_state)
+        assert not torch.equal(out, sdpa(ids, mask).last_hidden_state)  # a different path, close but not bitwise
