@@ -94,10 +94,11 @@ def dropout_scale(p):
 def keep_from_bits(bits: torch.Tensor, p, as_int16: bool) -> torch.Tensor:
     """The keep mask of int16 random bits: bool (bits < 2t - 2^15), or as_int16 the same entries as
     -1 (all bits set: kept) and 0, by int16 arithmetic only: bits >> 1 < t - 2^14 is the same test, and
-    its difference cannot overflow, so the difference's sign (an arithmetic shift by 15) is the mask."""
+    its difference cannot overflow, so the difference's sign (an arithmetic shift by 15) is the mask.
+    as_int16 overwrites `bits`."""
     t = dropout_scale(p)[0]
-    if as_int16:
-        return ((bits >> 1) - (t - 2 ** 14)) >> 15
+    if as_int16:  # in place: the random bits are a temporary of draw_keep's (no [B, H, N, N] copies)
+        return bits.__irshift__(1).sub_(t - 2 ** 14).__irshift__(15)
     return bits < 2 * t - 2 ** 15
 
 
@@ -118,12 +119,14 @@ ONE_BITS = {torch.bfloat16: (torch.int16, 0x3F80), torch.float16: (torch.int16, 
 
 def keep_as(keep: torch.Tensor, dtype) -> torch.Tensor:
     """draw_keep's mask as a multiplier for `dtype`: a bool mask as it is; an int16 one as 1.0 / 0.0 in
-    `dtype`, built from the bit pattern of 1.0 (no conversion)."""
+    `dtype`, built from the bit pattern of 1.0 (no conversion; in place for 2-byte dtypes)."""
     if keep.dtype == torch.bool:
         return keep
     if dtype not in ONE_BITS:
         return keep.ne(0).to(dtype)
     int_type, one = ONE_BITS[dtype]
+    if int_type == keep.dtype:  # in place: keep is draw_keep's own tensor
+        return keep.bitwise_and_(one).view(dtype)
     return (keep.to(int_type) & one).view(dtype)
 
 
