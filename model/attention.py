@@ -135,8 +135,11 @@ def relative_blocks(x, table, block):
 def relative_block_terms(x, table, block):
     """For each block of rows of x: (i0, r, the block's terms x_i·table[m(i - j)] as [B, H, r, N], a view)."""
     B, H, N, d = x.shape
+    # transposed once: a slice of its columns is a matrix the matmul reads in place, where a transposed
+    # slice of the table would be copied for every block
+    table_t = table.transpose(1, 2).contiguous()
     for i0, r, rows, cols in relative_blocks(x, table, block):
-        product = torch.bmm(rows, table[:, cols].transpose(1, 2)).view(H, B, r, N + r)
+        product = torch.bmm(rows, table_t[:, :, cols]).view(H, B, r, N + r)
         yield i0, r, skew_view(product, N).transpose(0, 1)
 
 

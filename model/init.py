@@ -142,7 +142,8 @@ def generator_state(device):
     device = torch.device(device)
     if device.type == "cpu":
         return torch.default_generator.get_state()
-    return torch.get_device_module(device.type).default_generators[device.index or 0].get_state()
+    module = torch.get_device_module(device.type)
+    return module.default_generators[module.current_device() if device.index is None else device.index].get_state()
 
 
 def repeat_draws(device, state):
