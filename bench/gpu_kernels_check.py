@@ -8,6 +8,7 @@
 2. The attention dropout on CUDA: backward draws the forward's mask again from the saved generator
    state (SoftmaxDropoutMatmul); its gradients against autograd's with the mask drawn the same way.
 """
+import argparse
 import os
 import sys
 
@@ -74,5 +75,6 @@ def dropout_check(device="cuda", shape=(4, 24, 512, 512)):
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()
     dropout_check()

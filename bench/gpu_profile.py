@@ -6,8 +6,8 @@ against transformers (bench/train_step.py).
 
 1. One layer's attention, forward + backward at the training batch, per variant (transformers,
    ours "reference" and "sdpa", and flex attention with the relative bias added inside the kernel, in two
-   forms: a dense [B, H, N, N] bias, and the c2p/p2c products gathered from [B, H, N, 2k] tables): time,
-   peak memory, and the top kernels of ours.
+   forms: a dense [B, H, N, N] bias, and the c2p/p2c products by distance, [B, H, N, 2N], read at
+   column N-1-i+j): time, peak memory, and the top kernels of ours.
 2. A whole training step of ours (MLM + EMD, AdamW), bf16 autocast: step time, the sum of its kernel
    times (a step much longer than its kernels is waiting on the host), and the top kernels.
 Each section is written to the report as soon as it is done.
