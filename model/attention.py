@@ -122,9 +122,9 @@ def zero_unread(x: torch.Tensor, n: int) -> torch.Tensor:
 RELATIVE_BLOCK = 128
 
 
-def relative_blocks(x, table, block):
+def relative_blocks(x, block):
     """For each block of rows [i0, i0 + r) of x [B, H, N, d]: (i0, r, x's rows as [H, B·r, d], and the
-    slice of table rows the block reads). table [H, 2N, d] holds the row of each distance in
+    slice of table rows the block reads). A table [H, 2N, d] holds the row of each distance in
     distance_index's order: the block's rows read entries N-r-i0 ... 2N-1-i0 (N + r of them)."""
     B, H, N, d = x.shape
     for i0 in range(0, N, block):
@@ -138,7 +138,7 @@ def relative_block_terms(x, table, block):
     # transposed once: a slice of its columns is a matrix the matmul reads in place, where a transposed
     # slice of the table would be copied for every block
     table_t = table.transpose(1, 2).contiguous()
-    for i0, r, rows, cols in relative_blocks(x, table, block):
+    for i0, r, rows, cols in relative_blocks(x, block):
         product = torch.bmm(rows, table_t[:, :, cols]).view(H, B, r, N + r)
         yield i0, r, skew_view(product, N).transpose(0, 1)
 
@@ -199,7 +199,7 @@ class RelativeBias(torch.autograd.Function):
         grad_x = grad.new_empty(H, B, N, d)
         grad_table = torch.zeros(table.shape, dtype=torch.float32, device=table.device)  # blocks overlap
         rows_of = table.to(grad.dtype)
-        for i0, r, rows, cols in relative_blocks(x.to(grad.dtype), rows_of, block):
+        for i0, r, rows, cols in relative_blocks(x.to(grad.dtype), block):
             grad_prod = zero_unread(grad.new_empty(H, B, r, N + r), N)
             skew_view(grad_prod, N).copy_(grad[:, :, i0:i0 + r].transpose(0, 1))
             grad_prod = grad_prod.view(H, B * r, N + r)
@@ -401,14 +401,13 @@ class DisentangledSelfAttention(nn.Module):
         """The bias and the mask as one additive mask; on CUDA the memory-efficient kernel then keeps
         no probabilities (it recomputes them in backward). On the CPU a mask that needs a gradient takes
         the math path, no faster than `reference`."""
-        if bias is None:
-            if mask4d is None:
-                return F.scaled_dot_product_attention(q, k, v, scale=1.0, dropout_p=self.dropout_p if self.training else 0.0)
+        if bias is not None:
+            additive = bias.view(*q.shape[:2], *bias.shape[1:]).to(q.dtype)  # in bf16 autocast bias is bf16 already
+        elif mask4d is not None:
             additive = torch.zeros(mask4d.shape, dtype=q.dtype, device=q.device)
         else:
-            additive = bias.view(*q.shape[:2], *bias.shape[1:]).to(q.dtype)  # in bf16 autocast bias is bf16 already
-        # in place: bias is relative_bias's own sum, which nothing else reads
-        if mask4d is not None:
+            additive = None  # nothing to add, nothing masked
+        if mask4d is not None:  # in place: bias is relative_bias's own sum, which nothing else reads
             additive = additive.masked_fill_(~mask4d, torch.finfo(q.dtype).min)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=1.0,
                                               dropout_p=self.dropout_p if self.training else 0.0)

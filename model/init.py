@@ -97,9 +97,13 @@ def keep_from_bits(bits: torch.Tensor, p, as_int16: bool) -> torch.Tensor:
     its difference cannot overflow, so the difference's sign (an arithmetic shift by 15) is the mask.
     as_int16 overwrites `bits`."""
     t = dropout_scale(p)[0]
-    if as_int16:  # in place: the random bits are a temporary of draw_keep's (no [B, H, N, N] copies)
-        return bits.__irshift__(1).sub_(t - 2 ** 14).__irshift__(15)
-    return bits < 2 * t - 2 ** 15
+    if not as_int16:
+        return bits < 2 * t - 2 ** 15
+    # in place: the random bits are a temporary of draw_keep's (no [B, H, N, N] copies)
+    bits >>= 1
+    bits -= t - 2 ** 14
+    bits >>= 15
+    return bits
 
 
 def draw_keep(shape, p, device=None, generator=None) -> torch.Tensor:

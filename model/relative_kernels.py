@@ -110,9 +110,10 @@ def launch_bias(c2p_products, p2c_products, B, H, N, R, dtype, device):
     out = torch.empty(B * H, N, N, dtype=dtype, device=device)
     BI, BJ = 64, 64
     grid = (B * H, triton.cdiv(N, BI), triton.cdiv(N, BJ))
-    some = c2p_products if c2p_products is not None else p2c_products
-    _bias_kernel[grid](c2p_products if c2p_products is not None else some,
-                       p2c_products if p2c_products is not None else some, out, H, B, N, R, N // R,
+    # a missing term's pointer is never read (HAS_C2P / HAS_P2C): the other term's stands in for it
+    c2p = c2p_products if c2p_products is not None else p2c_products
+    p2c = p2c_products if p2c_products is not None else c2p_products
+    _bias_kernel[grid](c2p, p2c, out, H, B, N, R, N // R,
                        HAS_C2P=c2p_products is not None, HAS_P2C=p2c_products is not None, BI=BI, BJ=BJ)
     return out
 
