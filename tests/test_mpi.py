@@ -22,8 +22,10 @@ def mpirun(*args, timeout=300):
 
 def test_mpirun_ranks_agree_with_mpi4py():
     result = mpirun("-m", "pipeline.launch", "check", timeout=120)
-    lines = re.findall(r"^LAUNCH_CHECK .*$", result.stdout, re.M)
-    ranks = sorted((dict(kv.split("=", 1) for kv in line.split()[1:]) for line in lines), key=lambda r: r["rank"])
+    # split at the marker, not at line ends: mpirun forwards each rank's output in its own chunks, and once
+    # a full make test here got one rank's line glued to the other's ("mpi_check=okLAUNCH_CHECK rank=1")
+    records = [re.match(r"(?:\S+=\S+\s*)*", chunk).group(0) for chunk in result.stdout.split("LAUNCH_CHECK ")[1:]]
+    ranks = sorted((dict(re.findall(r"(\S+?)=(\S+)", record)) for record in records), key=lambda r: r["rank"])
     assert [r["rank"] for r in ranks] == ["0", "1"], explain(result)
     for r in ranks:
         assert (r["world_size"], r["source"], r["rank_sum"], r["local_world_size"]) == ("2", "openmpi", "1", "2")
