@@ -27,7 +27,8 @@ inference on 2 cores SDPA was faster in a fresh process but slower once the allo
 "auto" (the default) takes "sdpa" on CUDA and "reference" elsewhere: a 1.5B training step at batch
 16 x 512 on an H200 ran at 1.64x transformers' tokens/s with "sdpa" and 1.37x with "reference".
 On CUDA the square relative bias comes from Triton kernels (model/relative_kernels.py) when triton
-imports.
+imports. A third path, "fused" (model/fused_attention.py), is flash attention with c2p, p2c and dropout
+inside Triton kernels; opt-in until it is timed on a GPU, and auto's path where it cannot run.
 
 Padded query rows: the mask is m_i·m_j, so a padded query row has every key masked. We fill masked
 scores with the dtype's most negative value before softmax, which makes such a row attend uniformly
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import relative_kernels
+from model import fused_attention, relative_kernels
 from model.init import Dropout, Linear, draw_keep, dropout_scale, generator_state, keep_as, repeat_draws
 
 
@@ -348,8 +349,17 @@ class DisentangledSelfAttention(nn.Module):
         relative = self.relative_attention and bool(self.pos_att_type)
         if relative:
             rel_embeddings = self.pos_dropout(rel_embeddings)[: 2 * self.att_span]
+        impl = self.impl
+        if impl == "fused":
+            square = not relative or (rel_index.dim() == 2 and q.shape[2] == k.shape[2])
+            if fused_attention.supported(q, square):
+                tables = self.square_tables(rel_index, rel_embeddings) if relative else (None, None)
+                context = fused_attention.FusedDisentangledAttention.apply(
+                    q, k, v, *tables, mask4d, self.dropout_p if self.training else 0.0, RELATIVE_BLOCK)
+                return context.transpose(-3, -2).flatten(-2)
+        if impl not in ("reference", "sdpa"):  # auto, or fused where its kernels cannot run
+            impl = "sdpa" if q.is_cuda else "reference"
         bias = self.relative_bias(q, k, rel_index, rel_embeddings) if relative else None
-        impl = self.impl if self.impl != "auto" else ("sdpa" if q.is_cuda else "reference")
         if impl == "sdpa":
             context = self.sdpa(q, k, v, bias, mask4d)
         else:
@@ -364,19 +374,25 @@ class DisentangledSelfAttention(nn.Module):
             proj = self.query_proj if self.share_att_key else self.pos_query_proj
         return self.heads(proj(rel_embeddings))
 
+    def square_tables(self, rel_index, rel_embeddings):
+        """For a square index (a function of i - j: relative_position_index), the projected table row of
+        each distance ([H, 2N, d], distance_index's order) for c2p, and for p2c the same reversed (p2c
+        reads i - j from j's side) and divided by the scale; None for a term that is off. RelativeBias's
+        blocked products read them through skew_view."""
+        by_distance = distance_index(rel_index)
+        reverse = torch.cat([by_distance[:-1].flip(0), by_distance[-1:]])
+        c2p_table = self.position_keys(rel_embeddings, "c2p")[..., by_distance, :] if "c2p" in self.pos_att_type else None
+        p2c_table = (self.position_keys(rel_embeddings, "p2c")[..., reverse, :] * (1.0 / self.scale)
+                     if "p2c" in self.pos_att_type else None)
+        return c2p_table, p2c_table
+
     def relative_bias(self, q, k, rel_index, rel_embeddings):
         """c2p + p2c (divided by the scale: q already is) as one new contiguous [B·H, Nq, Nk] tensor."""
         B, H, Nq, Nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
         c2p, p2c = "c2p" in self.pos_att_type, "p2c" in self.pos_att_type
         if rel_index.dim() == 2 and Nq == Nk:
-            # A square index is a function of i - j (relative_position_index): the table row of each
-            # distance, projected, and RelativeBias's blocked products read through skew_view.
-            by_distance = distance_index(rel_index)
-            reverse = torch.cat([by_distance[:-1].flip(0), by_distance[-1:]])  # p2c reads i - j from j's side
-            c2p_table = self.position_keys(rel_embeddings, "c2p")[..., by_distance, :] if c2p else None
-            p2c_table = self.position_keys(rel_embeddings, "p2c")[..., reverse, :] * (1.0 / self.scale) if p2c else None
             function = relative_kernels.RelativeBiasTriton if relative_kernels.available(q) else RelativeBias
-            return function.apply(q, k, c2p_table, p2c_table, RELATIVE_BLOCK)
+            return function.apply(q, k, *self.square_tables(rel_index, rel_embeddings), RELATIVE_BLOCK)
         # any other index (the EMD's selected query rows: [B, Nq, Nk]): gather from [B, H, N, 2k], as the
         # official code does. Each term is copied to [B·H, Nq, Nk] before the add (p2c's is transposed,
         # and adding a transposed view reads it element by element, several times slower than a copy).

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-ATTENTION_IMPLS = ("auto", "reference", "sdpa")
+ATTENTION_IMPLS = ("auto", "reference", "sdpa", "fused")
 
 
 @dataclass
@@ -46,7 +46,9 @@ class DebertaConfig:
     pooler_hidden_size: Optional[int] = None
     cls_dropout: Optional[float] = None  # None: hidden_dropout_prob
     # ours (transformers keeps unknown keys as attributes and ignores them)
-    # "reference" (eager, like the papers' code), "sdpa", or "auto": sdpa on CUDA, reference elsewhere
+    # "reference" (eager, like the papers' code), "sdpa", "auto" (sdpa on CUDA, reference elsewhere), or
+    # "fused" (Triton flash attention with c2p/p2c and dropout inside, model/fused_attention.py; where its
+    # kernels cannot run, as "auto")
     attention_impl: str = "auto"
 
     def __post_init__(self):

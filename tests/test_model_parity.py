@@ -460,3 +460,17 @@ def test_auto_attention_is_the_reference_path_off_cuda():
         out = auto(ids, mask).last_hidden_state
         assert torch.equal(out, reference(ids, mask).last_hidden_state)
         assert not torch.equal(out, sdpa(ids, mask).last_hidden_state)  # a different path, close but not bitwise
+
+
+def test_fused_attention_falls_back_where_its_kernels_cannot_run(monkeypatch):
+    """attention_impl "fused" without CUDA (and without TRITON_INTERPRET) takes auto's path: on the CPU the
+    reference path, bitwise. tests/test_fused_attention.py runs the kernels themselves."""
+    from model import DebertaModel
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ids, mask = batch(12, pad_from=7)
+    torch.manual_seed(0)
+    fused = DebertaModel(CONFIGS["v2"].replace(attention_impl="fused")).eval()
+    reference = DebertaModel(CONFIGS["v2"].replace(attention_impl="reference")).eval()
+    reference.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fused(ids, mask).last_hidden_state, reference(ids, mask).last_hidden_state)

@@ -3,14 +3,11 @@ the CPU path: run on the CPU in Triton's interpreter (TRITON_INTERPRET=1, read w
 so each check runs in a fresh process: this file run as a script). They skip only where triton has no
 wheel (it is a dev dependency on Linux x86-64)."""
 import json
-import os
-import platform
-import subprocess
 import sys
 
 import pytest
+from triton_interpreter import run_interpreted
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = [  # B, H, N, d, block, terms
     (2, 3, 16, 5, 4, "c2p,p2c"),  # 4 equal blocks
     (2, 3, 12, 5, 8, "c2p,p2c"),  # N not a multiple of the block: one block of all rows
@@ -46,12 +43,7 @@ def compare(B, H, N, d, block, terms):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_triton_relative_bias_equals_the_cpu_path(case):
-    if not (platform.system() == "Linux" and platform.machine() == "x86_64"):
-        pytest.skip("triton has wheels for Linux x86-64 only")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, __file__, json.dumps(case)], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    diffs = json.loads(out.stdout.strip().splitlines()[-1])
+    diffs = run_interpreted(__file__, case, timeout=300)
     assert all(d is None or d < 1e-5 for d in diffs), diffs
 
 
