@@ -5,7 +5,7 @@ against transformers (bench/train_step.py).
     python3 bench/gpu_profile.py --out $OUT/profile.txt        (needs CUDA; about a minute on an H200)
 
 1. One layer's attention, forward + backward at the training batch, per variant (transformers,
-   ours "reference" and "sdpa", and flex attention with the relative bias added inside the kernel, in two
+   ours "reference", "sdpa" and "fused", and flex attention with the relative bias added inside the kernel, in two
    forms: a dense [B, H, N, N] bias, and the c2p/p2c products by distance, [B, H, N, 2N], read at
    column N-1-i+j): time, peak memory, and the top kernels of ours.
 2. A whole training step of ours (MLM + EMD, AdamW), bf16 autocast: step time, the sum of its kernel
@@ -118,8 +118,9 @@ def attention_section(args, emit):
     rel_index = relative_position_index(N, N, config, device=dev)
     mask4d = torch.ones(B, 1, N, N, dtype=torch.bool, device=dev)
     ours = {impl: DisentangledSelfAttention(config.replace(attention_impl=impl)).to(dev, dt).eval()
-            for impl in ("reference", "sdpa")}
-    ours["sdpa"].load_state_dict(ours["reference"].state_dict())
+            for impl in ("reference", "sdpa", "fused")}
+    for impl in ("sdpa", "fused"):
+        ours[impl].load_state_dict(ours["reference"].state_dict())
     variants = {impl: (lambda m=m: m(hidden, mask4d, rel_index, rel_embeddings)) for impl, m in ours.items()}
     try:
         from transformers import DebertaV2Config
@@ -151,7 +152,7 @@ def attention_section(args, emit):
             with torch.no_grad():
                 infer_ms = 1e3 * timed(fn, dev)
             emit(f"{name:14s} {train_ms:10.2f} {peak:8.2f} {infer_ms:8.2f}  {diff}  (first call to last {time.perf_counter() - t0:.0f} s)")
-            if name in ("reference", "sdpa"):
+            if name in ("reference", "sdpa", "fused"):
                 kernel_table(lambda: fn().backward(grad), emit, 15, f"attention {name}, fwd+bwd")
         except Exception as e:
             emit(f"{name:14s} failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
