@@ -236,8 +236,8 @@ if triton is not None:
 
 
 # BM = BN: the loops run over TILES blocks of either. TILES is a compile-time constant (one compiled
-# variant per sequence length rounded up to 64): the interpreter cannot loop to a runtime bound with
-# numpy >= 2.3, and the compiler can pipeline a loop of known length.
+# variant per sequence length rounded up to 64) because Triton 3.6's interpreter cannot loop to a runtime
+# bound with numpy >= 2.3 (it converts the bound with int() on a 1-element array).
 BLOCK_M = BLOCK_N = 64
 
 
