@@ -11,8 +11,8 @@
 #  4. pretraining the 1.5B preset under DeepSpeed ZeRO-3, bf16, one GPU, a few steps (tokens/s, MFU)
 #  5. fp16 with DeepSpeed's dynamic loss scaling (the CPU accelerator has no fp16)
 # Data for 4-5: shards of the demo corpus in $GPU_DATA (512- and 128-token). DeepSpeed, pytest (part 0
-# imports tests/test_fused_attention.py) and what they need
-# beyond the machine's image come as wheels in .whl/ when the machine has no network.
+# imports tests/test_fused_attention.py) and what they need beyond the machine's image come as wheels in
+# .whl/ when the machine has no network.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"
@@ -29,7 +29,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/devic
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 
 if part 0; then
-    echo "== 0. Triton relative-bias kernels vs the torch path"
+    echo "== 0. Triton kernels: relative bias vs the torch path, fused attention vs torch and vs sdpa"
     timeout 150 python3 bench/gpu_kernels_check.py 2>&1 | tail -20 | tee "$OUT/kernels.txt"
 fi
 

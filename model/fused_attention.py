@@ -34,7 +34,10 @@ reference path (tests/test_fused_attention.py); not yet timed on a GPU (bench/gp
 import torch
 
 from model import relative_kernels
-from model.relative_kernels import block_rows, block_windows, triton, unblock_rows
+from model.relative_kernels import blocked_products, grads_from_products, triton
+
+if triton is not None:
+    from model.relative_kernels import product_rows
 
 if triton is not None:
     import triton.language as tl
@@ -52,13 +55,6 @@ def supported(q: torch.Tensor, square: bool) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _product_rows(x, b, h, H, B, R, NB, W):
-        """Offset of the product entry (x, y = 0) for rows x of one (b, h): products [H, NB, B·R, N+R] in
-        reversed block order (relative_kernels.block_windows), the skew R-1 - x % R folded in."""
-        xx = x % R
-        return h * (NB * B * R * W) + (NB - 1 - x // R) * (B * R * W) + b * (R * W) + xx * W + (R - 1 - xx)
-
-    @triton.jit
     def _scores(q, k_t, i, j, c2p_rows, c2p_ptr, p2c_ptr, mask_ptr, b, h, H, B, N, R, NB, W, stride_mask_b,
                 HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
         """The [BM, BN] tile of scores q·kᵀ + c2p + p2cᵀ in fp32: masked pairs at MASKED, columns beyond N
@@ -68,7 +64,7 @@ if triton is not None:
         if HAS_C2P:
             s += tl.load(c2p_ptr + c2p_rows[:, None] + j[None, :], mask=inside, other=0.0).to(tl.float32)
         if HAS_P2C:  # rows are j: load [BN, BM], contiguous along i, and transpose
-            p2c_rows = _product_rows(j, b, h, H, B, R, NB, W)
+            p2c_rows = product_rows(j, b, h, H, B, R, NB, W)
             tile = tl.load(p2c_ptr + p2c_rows[:, None] + i[None, :], mask=(j[:, None] < N) & (i[None, :] < N), other=0.0)
             s += tl.trans(tile).to(tl.float32)
         if HAS_MASK:
@@ -106,7 +102,7 @@ if triton is not None:
         o_ptr += b * sob + h * soh  # the output's layout, which gradients share
         q = tl.load(q_ptr + i[:, None] * sqn + dims[None, :], mask=i[:, None] < N, other=0.0)
         W = N + R
-        c2p_rows = _product_rows(i, b, h, H, B, R, NB, W)
+        c2p_rows = product_rows(i, b, h, H, B, R, NB, W)
         row_max = tl.full((BM,), float("-inf"), tl.float32)
         row_sum = tl.zeros((BM,), tl.float32)
         acc = tl.zeros((BM, D), tl.float32)
@@ -159,7 +155,7 @@ if triton is not None:
             do = tl.load(do_ptr + i[:, None] * son + dims[None, :], mask=rows, other=0.0)
             row_max, log_sum = _row_stats(stats_ptr, pid_bh, i, N)
             delta = tl.load(delta_ptr + pid_bh * N + i, mask=i < N, other=0.0)
-            c2p_rows = _product_rows(i, b, h, H, B, R, NB, W)
+            c2p_rows = product_rows(i, b, h, H, B, R, NB, W)
             s = _scores(q, k_t, i, j, c2p_rows, c2p_ptr, p2c_ptr, mask_ptr, b, h, H, B, N, R, NB, W, stride_mask_b,
                         HAS_C2P, HAS_P2C, HAS_MASK, PRECISION)
             p = tl.where(rows, tl.exp((s - row_max[:, None]) - log_sum[:, None]), 0.0)  # rows beyond N: no query, no gradient
@@ -200,7 +196,7 @@ if triton is not None:
         row_max, log_sum = _row_stats(stats_ptr, pid_bh, i, N)
         delta = tl.load(delta_ptr + pid_bh * N + i, mask=i < N, other=0.0)
         W = N + R
-        c2p_rows = _product_rows(i, b, h, H, B, R, NB, W)
+        c2p_rows = product_rows(i, b, h, H, B, R, NB, W)
         dq = tl.zeros((BM, D), tl.float32)
         for j0 in range(0, TILES * BN, BN):
             j = j0 + tl.arange(0, BN)
@@ -220,7 +216,7 @@ if triton is not None:
             if HAS_C2P:
                 tl.store(grad_c2p_ptr + c2p_rows[:, None] + j[None, :], grad_s.to(grad_c2p_ptr.dtype.element_ty), mask=inside)
             if HAS_P2C:  # transposed, so that each row's stores are contiguous along i
-                p2c_rows = _product_rows(j, b, h, H, B, R, NB, W)
+                p2c_rows = product_rows(j, b, h, H, B, R, NB, W)
                 tl.store(grad_p2c_ptr + p2c_rows[:, None] + i[None, :], tl.trans(grad_s).to(grad_p2c_ptr.dtype.element_ty),
                          mask=(j[:, None] < N) & (i[None, :] < N))
         tl.store(dq_ptr + b * sob + h * soh + i[:, None] * son + dims[None, :], dq.to(dq_ptr.dtype.element_ty), mask=rows)
@@ -271,79 +267,61 @@ class FusedDisentangledAttention(torch.autograd.Function):
         R = block if N % block == 0 else N
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         with torch.autocast(q.device.type, enabled=False):
-            products = FusedDisentangledAttention.products(q, k, c2p_table, p2c_table, R)
+            products = blocked_products(q, k, c2p_table, p2c_table, R)
             # the output in the projections' layout [B, N, H, d]: the caller's transpose back is free
             out = new_heads(q)
             stats = torch.empty(2, B * H, N, dtype=torch.float32, device=q.device)  # row maxima, log row sums
             seed = int(torch.randint(2 ** 32, ())) if p > 0 else 0  # the key's low word
-            launch = FusedDisentangledAttention.launch_args(q, k, v, out, products, mask4d, B, H, N, R, seed, p)
-            _forward_kernel[(triton.cdiv(N, BLOCK_M), B * H)](q, k, v, out, stats, *launch["pointers"], *launch["scalars"], **launch["meta"])
+            relative, rest, meta = launch_args(q, k, v, out, products, mask4d, R, seed, p)
+            _forward_kernel[(triton.cdiv(N, BLOCK_M), B * H)](q, k, v, out, stats, *relative, *rest, **meta)
         ctx.R, ctx.p, ctx.seed = R, p, seed
         ctx.save_for_backward(q, k, v, out, stats, c2p_table, p2c_table, mask4d)
         return out
 
     @staticmethod
-    def products(q, k, c2p_table, p2c_table, R):
-        """Each term's blocked products [H, NB, B·R, N+R] (relative_kernels), or None."""
-        N = q.shape[2]
-        return [None if t is None else torch.matmul(block_rows(x, R), block_windows(t.to(x.dtype), N, R).transpose(-1, -2))
-                for x, t in ((q, c2p_table), (k, p2c_table))]
-
-    @staticmethod
-    def launch_args(q, k, v, out, products, mask4d, B, H, N, R, seed, p):
-        c2p, p2c = products
-        # a missing term's pointer is never read (HAS_C2P / HAS_P2C): any tensor stands in for it
-        stand_in = c2p if c2p is not None else (p2c if p2c is not None else q)
-        mask = mask4d.expand(B, 1, N, N).contiguous().view(torch.int8) if mask4d is not None else stand_in
-        return dict(
-            pointers=(c2p if c2p is not None else stand_in, p2c if p2c is not None else stand_in, mask,
-                      *strides(q, k, v, out), N * N if mask4d is not None else 0),
-            scalars=(H, B, N, R, N // R, seed, p, 1.0 / (1.0 - p) if p < 1 else 0.0),
-            meta=dict(D=q.shape[-1], BM=BLOCK_M, BN=BLOCK_N, TILES=triton.cdiv(N, BLOCK_M), HAS_C2P=c2p is not None, HAS_P2C=p2c is not None,
-                      HAS_MASK=mask4d is not None, DROPOUT=p > 0,
-                      PRECISION="ieee" if q.dtype == torch.float32 else "tf32"))
-
-    @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, stats, c2p_table, p2c_table, mask4d = ctx.saved_tensors
         B, H, N, d = q.shape
-        R, p = ctx.R, ctx.p
+        R = ctx.R
         with torch.autocast(q.device.type, enabled=False):
             grad_out = grad_out.to(q.dtype)
             if grad_out.stride() != out.stride():
                 grad_out = new_heads(out).copy_(grad_out)
             delta = (grad_out.float() * out.float()).sum(-1).reshape(B * H, N)  # Σ_j P·dP per row
-            products = FusedDisentangledAttention.products(q, k, c2p_table, p2c_table, R)  # recomputed
-            launch = FusedDisentangledAttention.launch_args(q, k, v, out, products, mask4d, B, H, N, R, ctx.seed, p)
+            products = blocked_products(q, k, c2p_table, p2c_table, R)  # recomputed, not kept
+            relative, rest, meta = launch_args(q, k, v, out, products, mask4d, R, ctx.seed, ctx.p)
             grad_k, grad_v = new_heads(k), new_heads(v)
             _backward_keys_kernel[(triton.cdiv(N, BLOCK_N), B * H)](
-                q, k, v, grad_out, stats, delta, grad_k, grad_v, *launch["pointers"], *launch["scalars"], **launch["meta"])
+                q, k, v, grad_out, stats, delta, grad_k, grad_v, *relative, *rest, **meta)
             # zeros where the forward read nothing (the corners of each skewed block)
             grad_products = [None if x is None else torch.zeros_like(x) for x in products]
             grad_q = new_heads(q)
-            c2p_p, p2c_p, mask = launch["pointers"][:3]
-            stand_in = [g for g in grad_products if g is not None] or [q]
             _backward_queries_kernel[(triton.cdiv(N, BLOCK_M), B * H)](
-                q, k, v, grad_out, stats, delta, grad_q, c2p_p, p2c_p, mask,
-                grad_products[0] if grad_products[0] is not None else stand_in[0],
-                grad_products[1] if grad_products[1] is not None else stand_in[0],
-                *launch["pointers"][3:], *launch["scalars"], **launch["meta"])
+                q, k, v, grad_out, stats, delta, grad_q, *relative, *present_or(q, *grad_products), *rest, **meta)
             grads = [grad_q, grad_k, None, None]
             for slot, (x, table) in enumerate(((q, c2p_table), (k, p2c_table))):
-                if table is None:
-                    continue
-                grad_x, grads[slot + 2] = FusedDisentangledAttention.table_grads(x, table, grad_products[slot], B, N, R)
-                grads[slot] = grads[slot] + grad_x
+                if table is not None:
+                    grad_x, grads[slot + 2] = grads_from_products(x, table, grad_products[slot], B, N, R)
+                    grads[slot] = grads[slot] + grad_x
         return grads[0], grads[1], grad_v, grads[2], grads[3], None, None, None
 
-    @staticmethod
-    def table_grads(x, table, grad_products, B, N, R):
-        """The gradients of x's rows and of the table from a term's products' gradient (the matmuls of
-        relative_kernels.RelativeBiasTriton's backward)."""
-        windows = block_windows(table.to(grad_products.dtype), N, R)
-        grad_x = unblock_rows(torch.matmul(grad_products, windows), B).to(x.dtype)
-        grad_windows = torch.matmul(grad_products.transpose(-1, -2), block_rows(x.to(grad_products.dtype), R))
-        grad_table = torch.zeros(table.shape, dtype=torch.float32, device=table.device)  # windows overlap
-        for n in range(N // R):
-            grad_table[:, n * R: n * R + N + R] += grad_windows[:, n]
-        return grad_x, grad_table.to(table.dtype)
+
+def present_or(fallback, *tensors):
+    """tensors with each None replaced by a present one (or fallback): the pointer of a term that is off
+    is never read (HAS_C2P / HAS_P2C), but the kernel still takes one."""
+    stand_in = next((t for t in tensors if t is not None), fallback)
+    return [stand_in if t is None else t for t in tensors]
+
+
+def launch_args(q, k, v, out, products, mask4d, R, seed, p):
+    """The kernels' shared arguments: (the two products and the mask: pointers), (strides and sizes),
+    compile-time flags."""
+    B, H, N, d = q.shape
+    mask = mask4d.expand(B, 1, N, N).contiguous().view(torch.int8) if mask4d is not None else q
+    relative = (*present_or(q, *products), mask)
+    rest = (*strides(q, k, v, out), N * N if mask4d is not None else 0,
+            H, B, N, R, N // R, seed, p, 1.0 / (1.0 - p) if p < 1 else 0.0)
+    meta = dict(D=d, BM=BLOCK_M, BN=BLOCK_N, TILES=triton.cdiv(N, BLOCK_M),
+                HAS_C2P=products[0] is not None, HAS_P2C=products[1] is not None, HAS_MASK=mask4d is not None,
+                DROPOUT=p > 0, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    return relative, rest, meta

@@ -36,6 +36,13 @@ def available(x: torch.Tensor) -> bool:
 
 if triton is not None:
     @triton.jit
+    def product_rows(x, b, h, H, B, R, NB, W):
+        """Offset of the product entry (x, y = 0) for rows x of one (b, h): products [H, NB, B·R, N+R] in
+        reversed block order (block_windows), the skew R-1 - x % R folded in; entry (x, y) is at + y."""
+        xx = x % R
+        return h * (NB * B * R * W) + (NB - 1 - x // R) * (B * R * W) + b * (R * W) + xx * W + (R - 1 - xx)
+
+    @triton.jit
     def _bias_kernel(c2p_ptr, p2c_ptr, out_ptr, H, B, N, R, NB,
                      HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
         """out[b·H + h, i, j] = c2p(i, j) + p2c(j, i), each term(x, y) read from its products at
@@ -45,16 +52,13 @@ if triton is not None:
         i = tl.program_id(1) * BI + tl.arange(0, BI)
         j = tl.program_id(2) * BJ + tl.arange(0, BJ)
         W = N + R
-        batch_base = h * (NB * B * R * W) + b * (R * W)
         inside = (i[:, None] < N) & (j[None, :] < N)
         acc = tl.zeros((BI, BJ), dtype=tl.float32)
         if HAS_C2P:
-            xx = i % R
-            row = batch_base + (NB - 1 - i // R) * (B * R * W) + xx * W + (R - 1 - xx)
+            row = product_rows(i, b, h, H, B, R, NB, W)
             acc += tl.load(c2p_ptr + row[:, None] + j[None, :], mask=inside, other=0.0).to(tl.float32)
         if HAS_P2C:  # rows are j: load [BJ, BI], contiguous along i, and transpose
-            xx = j % R
-            row = batch_base + (NB - 1 - j // R) * (B * R * W) + xx * W + (R - 1 - xx)
+            row = product_rows(j, b, h, H, B, R, NB, W)
             tile = tl.load(p2c_ptr + row[:, None] + i[None, :], mask=(j[:, None] < N) & (i[None, :] < N), other=0.0)
             acc += tl.trans(tile).to(tl.float32)
         out = out_ptr + pid_bh * N * N + i[:, None] * N + j[None, :]
@@ -127,6 +131,26 @@ def launch_grad_products(grad, B, H, N, R, transposed):
     return out
 
 
+def blocked_products(q, k, c2p_table, p2c_table, R):
+    """Each term's blocked products [H, NB, B·R, N+R] (q's rows for c2p, k's for p2c), or None where the
+    table is None: one batched matmul per term, the table windows as one strided view."""
+    N = q.shape[2]
+    return [None if t is None else torch.matmul(block_rows(x, R), block_windows(t.to(x.dtype), N, R).transpose(-1, -2))
+            for x, t in ((q, c2p_table), (k, p2c_table))]
+
+
+def grads_from_products(x, table, grad_products, B, N, R):
+    """The gradients of x ([B, H, N, d], the term's rows) and of its table from the gradient of the term's
+    blocked products: the same batched matmuls, and the overlapping windows summed into the table."""
+    windows = block_windows(table.to(grad_products.dtype), N, R)
+    grad_x = unblock_rows(torch.matmul(grad_products, windows), B).to(x.dtype)
+    grad_windows = torch.matmul(grad_products.transpose(-1, -2), block_rows(x.to(grad_products.dtype), R))
+    grad_table = torch.zeros(table.shape, dtype=torch.float32, device=table.device)  # windows overlap
+    for n in range(N // R):
+        grad_table[:, n * R: n * R + N + R] += grad_windows[:, n]
+    return grad_x, grad_table.to(table.dtype)
+
+
 class RelativeBiasTriton(torch.autograd.Function):
     """RelativeBias (same arguments, same result) with the skewed reads and writes in Triton kernels."""
 
@@ -137,9 +161,7 @@ class RelativeBiasTriton(torch.autograd.Function):
         ctx.R = R
         ctx.save_for_backward(q, k, c2p_table, p2c_table)
         with torch.autocast(q.device.type, enabled=False):  # every input is in the compute dtype already
-            products = [None if t is None else torch.matmul(block_rows(x, R), block_windows(t.to(x.dtype), N, R).transpose(-1, -2))
-                        for x, t in ((q, c2p_table), (k, p2c_table))]
-            return launch_bias(*products, B, H, N, R, q.dtype, q.device)
+            return launch_bias(*blocked_products(q, k, c2p_table, p2c_table, R), B, H, N, R, q.dtype, q.device)
 
     @staticmethod
     def backward(ctx, grad):
@@ -152,11 +174,5 @@ class RelativeBiasTriton(torch.autograd.Function):
             if table is None:
                 continue
             grad_products = launch_grad_products(grad, B, H, N, R, transposed)  # [H, NB, B·R, N+R]
-            windows = block_windows(table.to(grad.dtype), N, R)
-            grads[slot] = unblock_rows(torch.matmul(grad_products, windows), B).to(x.dtype)
-            grad_windows = torch.matmul(grad_products.transpose(-1, -2), block_rows(x.to(grad.dtype), R))
-            grad_table = torch.zeros(table.shape, dtype=torch.float32, device=table.device)  # windows overlap
-            for n in range(N // R):
-                grad_table[:, n * R: n * R + N + R] += grad_windows[:, n]
-            grads[slot + 2] = grad_table.to(table.dtype)
+            grads[slot], grads[slot + 2] = grads_from_products(x, table, grad_products, B, N, R)
         return grads[0], grads[1], grads[2], grads[3], None
