@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, in one go (about 6 minutes on one H200 before part 0 and 2 took the fused
+# Every check that needs a GPU, in one go (about 6 minutes on one H200 before parts 0 and 2 took the fused
 # attention; each part has its own time limit), from the repository root:
 #   bash bench/gpu_checks.sh            -> reports in $OUT (or ./gpu_out)
 #   PARTS="0 2" bash bench/gpu_checks.sh   only those parts
@@ -10,13 +10,15 @@
 #  3. training and inference steps vs transformers, 1.5B, bf16, batch 16 (bench/train_step.py)
 #  4. pretraining the 1.5B preset under DeepSpeed ZeRO-3, bf16, one GPU, a few steps (tokens/s, MFU)
 #  5. fp16 with DeepSpeed's dynamic loss scaling (the CPU accelerator has no fp16)
+#  6. the 1.5B step by ZeRO stage on one GPU: no DeepSpeed, ZeRO-2, ZeRO-3, ZeRO-3 with leaf layers
+#     (bench/zero_overhead.py, micro-batch 8, activation checkpointing as in part 4)
 # Data for 4-5: shards of the demo corpus in $GPU_DATA (512- and 128-token). DeepSpeed, pytest (part 0
 # imports tests/test_fused_attention.py) and what they need beyond the machine's image come as wheels in
 # .whl/ when the machine has no network.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"
-PARTS="${PARTS:-0 1 2 3 4 5}"
+PARTS="${PARTS:-0 1 2 3 4 5 6}"
 mkdir -p "$OUT"
 GPU_DATA="${GPU_DATA:-.gpu_data}"
 ATTENTION_IMPL="${ATTENTION_IMPL:-sdpa}"
@@ -72,5 +74,10 @@ if part 5; then
             --ds fp16.enabled=true --ds fp16.initial_scale_power=16 2>&1 | grep -v "^\[20" | tail -6 \
             | tee "$OUT/fp16_$mode.txt"
     done
+fi
+if part 6; then
+    echo "== 6. the 1.5B step by ZeRO stage, bf16, 1 GPU, micro-batch 8"
+    timeout 300 python3 bench/zero_overhead.py --device cuda --hidden 0 --batch 8 --seq 512 \
+        --variants bare,z2,z3,z3_leaf --warmup 2 --steps 3 2>&1 | tail -8 | tee "$OUT/zero_overhead.txt"
 fi
 ls -la "$OUT"

@@ -165,7 +165,7 @@ def train(run, ds, env):
     from pipeline.data import build_pretrain_loader
     from pipeline.engine import build_engine
     from pipeline.observe import Monitor, flops_per_token, guess_peak_tflops
-    from pipeline.run_config import default_tokenizer, precision
+    from pipeline.run_config import default_tokenizer, precision, zero_stage
     from pipeline.tokenizer import Tokenizer
 
     rank, world = env.rank, env.world_size
@@ -199,7 +199,7 @@ def train(run, ds, env):
     if rank == 0:
         where = f"resumed from {tag} at step {step}" if tag else "from scratch"
         print(f"pretrain: mode {run.mode}, {world} ranks (dp {dp_size} x stages {run.pipeline_stages}), "
-              f"{precision(ds)}, ZeRO {ds.get('zero_optimization', {}).get('stage', 0)}, global batch "
+              f"{precision(ds)}, ZeRO {zero_stage(ds)}{leaf_note(module)}, global batch "
               f"{run.global_batch_size}, {len(loader.data)} samples, {where}", file=sys.stderr)
 
     seq_len = loader.max_seq_len
@@ -258,6 +258,14 @@ def train(run, ds, env):
             break
     monitor.close()
     return code
+
+
+def leaf_note(module):
+    """' (k of n encoder layers gathered whole)' when ZeRO-3 treats some layers as leaf modules."""
+    from deepspeed.utils import get_z3_leaf_modules
+    leaves = len(get_z3_leaf_modules(module))
+    layers = getattr(getattr(getattr(module, "deberta", None), "encoder", None), "layer", None)
+    return f" ({leaves} of {len(layers)} encoder layers gathered whole)" if leaves and layers is not None else ""
 
 
 def zero_step(engine, data_iter, accumulation, device):

@@ -32,6 +32,9 @@ class RunConfig:
     mode: str = "zero3"  # "zero3": DeepSpeedEngine with ZeRO (stage from the DS config); "pipeline": PipelineModule + ZeRO-0/1
     pipeline_stages: int = 1
     activation_checkpointing: bool = False
+    # ZeRO-3: gather each encoder layer's parameters as one group (a DeepSpeed leaf module), so ZeRO-3's hooks
+    # run once per layer rather than once per Linear and LayerNorm (pipeline/engine.py, leaf_layers)
+    zero3_leaf_layers: bool = True
     # data
     data_dir: str = ""
     tokenizer: str = ""  # spm.model; default: <data_dir>/spm.model

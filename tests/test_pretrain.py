@@ -26,6 +26,7 @@ def zero3_two_ranks(tiny_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("zero3_2")
     result = pretrain(tiny_shards, out, nproc=2, sets=NO_DROPOUT + ["max_steps=4", "save_interval=2"])
     assert result.returncode == 0, explain(result)
+    (out / "pretrain.stderr").write_text(result.stderr)
     return out
 
 
@@ -48,6 +49,25 @@ def test_zero3_checkpoint_has_universal_info_and_resumes_on_one_rank(zero3_two_r
     assert result.returncode == 0, explain(result)
     assert "resumed from global_step2_universal at step 2" in result.stderr
     assert_close(losses(zero3_two_ranks), losses(run), [3, 4])
+
+
+def test_zero3_leaf_layers_change_nothing_but_the_hooks(zero3_two_ranks, tiny_shards, tmp_path):
+    """The baseline gathers encoder layers whole (DeepSpeed leaf modules, the default): of the tiny model's
+    2 layers only the first, as the EMD runs the last one twice. Per-module gathering gives the same losses."""
+    assert "ZeRO 3 (1 of 2 encoder layers gathered whole)" in (zero3_two_ranks / "pretrain.stderr").read_text()
+    result = pretrain(tiny_shards, tmp_path, nproc=2, sets=NO_DROPOUT + ["max_steps=4", "zero3_leaf_layers=false"])
+    assert result.returncode == 0, explain(result)
+    assert "ZeRO 3, global batch" in result.stderr
+    assert_close(losses(zero3_two_ranks), losses(tmp_path), range(1, 5))
+
+
+def test_leaf_layers_are_those_a_forward_runs_once():
+    from model import DebertaForMaskedLM, preset
+    from pipeline.engine import leaf_layers
+    config = preset("tiny", num_hidden_layers=3)
+    with_emd, without = DebertaForMaskedLM(config, emd=True), DebertaForMaskedLM(config, emd=False)
+    assert leaf_layers(with_emd) == list(with_emd.deberta.encoder.layer[:2])
+    assert leaf_layers(without) == list(without.deberta.encoder.layer)
 
 
 def test_pipeline_two_stages_equal_one_stage(tiny_shards, tmp_path):
