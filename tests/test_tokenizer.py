@@ -1,3 +1,4 @@
+import random
 import shutil
 
 import pytest
@@ -40,6 +41,16 @@ def test_single_texts_match_transformers(tok, hf_tokenizer, data_env):
     for text in HARD_TEXTS + corpus_lines:
         assert tok.encode(text) == hf_tokenizer(text, add_special_tokens=False)["input_ids"], repr(text)
         assert tok.build_inputs(tok.encode(text)) == hf_tokenizer(text)["input_ids"], repr(text)
+
+
+def test_whitespace_runs_match_transformers(tok, hf_tokenizer):
+    """normalize() skips the whitespace substitution where it finds nothing to substitute: random runs of
+    every kind of whitespace, mixed with letters, are tokenized as transformers does."""
+    rng = random.Random(0)
+    alphabet = "ab \t\n\r\x0b\x0c\x1c\x1f\x85\xa0\u2003\u2028\u3000"
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(3000)]
+    for text in texts:
+        assert tok.encode(text) == hf_tokenizer(text, add_special_tokens=False)["input_ids"], repr(text)
 
 
 def test_pairs_match_transformers(tok, hf_tokenizer):
