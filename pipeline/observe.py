@@ -1,5 +1,6 @@
 """What a pretraining run shows: TensorBoard scalars, a progress bar with ETA and one summary line per
-log interval on rank 0, and metrics.jsonl (one JSON line per logged step; tests and scripts read it).
+log interval on rank 0, and metrics.jsonl (one JSON line per logged step and one per held-out
+evaluation, whose keys start with val_; tests and scripts read it).
 
 MFU estimate. FLOPs per trained token (forward + backward = 3 x forward; a multiply-add = 2 FLOPs):
     6 · N_dense                                  the weight matmuls (nanoGPT/PaLM's 6N), N_dense = the
@@ -88,6 +89,19 @@ class Monitor:
         self.metrics.flush()
         shown = " ".join(f"{k}={v:.4g}" for k, v in values.items() if v is not None)
         self.bar.write(f"step {step} {shown}")
+
+    def record_eval(self, step, values):
+        """A held-out evaluation (pipeline/evaluate.py): metrics.jsonl (keys val_*), TensorBoard (val/*) and
+        one line. Its time is left out of the throughput of the next log line."""
+        self.last_time += values["eval_time_s"]
+        if not self.active:
+            return
+        for key, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(f"val/{key}", value, step)
+        self.metrics.write(json.dumps(dict(step=step, **values)) + "\n")
+        self.metrics.flush()
+        self.bar.write(f"eval at step {step} " + " ".join(f"{k}={v:.4g}" for k, v in values.items() if v is not None))
 
     def record_loss(self, step, loss):
         """Every step's loss (metrics.jsonl, key "loss"), so exact-resume checks compare all steps."""

@@ -246,3 +246,10 @@ def load_release_into_pipe(module, path, config):
                 raise ValueError(f"{path}: {name} has shape {tuple(state[name].shape)} in the release but "
                                  f"{tuple(tensor.shape)} in the model")
             tensor.copy_(materialise(state[name]).to(tensor.dtype))
+
+
+def pipeline_batches(batches):
+    """The pipeline engine's micro-batch format: (inputs for the first stage, labels for the loss). The
+    labels also travel inside the inputs: the last block selects the masked positions with them."""
+    for batch in batches:
+        yield (batch["input_ids"], batch["attention_mask"], batch["labels"]), batch["labels"]

@@ -4,7 +4,8 @@ Any launcher starts it unchanged: `deepspeed`, `torchrun`, `srun` (Slurm) and `m
 pipeline/launch.py finds rank, world size and master address in whichever environment it is.
 
     deberta-ds pretrain --config configs/pretrain_xxlarge.json --deepspeed ds_configs/zero3_bf16.json \\
-        --data-dir SHARDS --output-dir RUN [--set lr=1e-4 --set mode=pipeline ...] [--ds bf16.enabled=false ...]
+        --data-dir SHARDS --output-dir RUN [--valid-data-dir HELD_OUT_SHARDS] \\
+        [--set lr=1e-4 --set mode=pipeline ...] [--ds bf16.enabled=false ...]
 
 It resumes from the newest finished checkpoint in RUN/checkpoints by itself (on another number of
 ranks through DeepSpeed's universal format). On SIGTERM or SIGUSR1 it finishes the step, saves a
@@ -27,6 +28,8 @@ def add_arguments(parser):
     parser.add_argument("--deepspeed", "--deepspeed_config", dest="deepspeed", required=True,
                         help="DeepSpeed config JSON (ds_configs/*.json)")
     parser.add_argument("--data-dir", help="shard directory from `deberta-ds preprocess` (overrides data_dir)")
+    parser.add_argument("--valid-data-dir", help="held-out shard directory, same tokenizer: its MLM loss every "
+                        "eval_interval steps (overrides valid_data_dir)")
     parser.add_argument("--output-dir", help="run directory: checkpoints, tensorboard, metrics.jsonl (overrides output_dir)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a run-config setting, e.g. --set lr=1e-4 --set model_overrides.num_hidden_layers=2")
@@ -92,11 +95,15 @@ def prepare(args, world_size):
         overrides.append(f"data_dir={json.dumps(args.data_dir)}")
     if args.output_dir:
         overrides.append(f"output_dir={json.dumps(args.output_dir)}")
+    if args.valid_data_dir:
+        overrides.append(f"valid_data_dir={json.dumps(args.valid_data_dir)}")
     run = RunConfig.from_file(args.config, overrides)
     if not run.output_dir:
         raise ValueError("no output directory: give --output-dir or output_dir in the run config")
     if not run.data_dir or not os.path.isdir(run.data_dir):
         raise ValueError(f"data directory {run.data_dir!r} does not exist (give --data-dir)")
+    if run.valid_data_dir and not os.path.isdir(run.valid_data_dir):
+        raise ValueError(f"validation directory {run.valid_data_dir!r} does not exist")
     if not os.path.exists(default_tokenizer(run)):
         raise ValueError(f"{default_tokenizer(run)}: no tokenizer (the shard directory carries spm.model; or set tokenizer)")
     ds = complete_ds_config(run, load_ds_config(args.deepspeed, args.ds), dp_size_of(run, world_size),
@@ -164,7 +171,9 @@ def train(run, ds, env):
     from pipeline import checkpoint
     from pipeline.data import build_pretrain_loader
     from pipeline.engine import build_engine
+    from pipeline.evaluate import build_valid_loader, due, evaluate
     from pipeline.observe import Monitor, flops_per_token, guess_peak_tflops
+    from pipeline.pipe import pipeline_batches
     from pipeline.run_config import default_tokenizer, precision, zero_stage
     from pipeline.tokenizer import Tokenizer
 
@@ -196,13 +205,16 @@ def train(run, ds, env):
     consumed = int(client_state.get("data", {}).get("consumed_samples", 0))
     loader = build_pretrain_loader(run.data_dir, tokenizer, run.micro_batch_size, dp_rank, dp_size, run.seed,
                                    consumed_samples=consumed)
+    seq_len = loader.max_seq_len
+    valid_loader = build_valid_loader(run, tokenizer, dp_rank, dp_size, seq_len)
     if rank == 0:
         where = f"resumed from {tag} at step {step}" if tag else "from scratch"
+        validation = (f", validation: {run.eval_steps * run.global_batch_size} of {len(valid_loader.data)} samples "
+                      f"every {run.eval_interval} steps" if valid_loader else "")
         print(f"pretrain: mode {run.mode}, {world} ranks (dp {dp_size} x stages {run.pipeline_stages}), "
               f"{precision(ds)}, ZeRO {zero_stage(ds)}{leaf_note(module)}, global batch "
-              f"{run.global_batch_size}, {len(loader.data)} samples, {where}", file=sys.stderr)
+              f"{run.global_batch_size}, {len(loader.data)} samples, {where}{validation}", file=sys.stderr)
 
-    seq_len = loader.max_seq_len
     peak = (run.peak_tflops or guess_peak_tflops() or 0) * 1e12 * world
     monitor = Monitor(run.output_dir, rank, step, run.max_steps, run.global_batch_size * seq_len,
                       run.global_batch_size, flops_per_token(model_config, seq_len) * run.global_batch_size * seq_len,
@@ -241,6 +253,8 @@ def train(run, ds, env):
                       f"lr or bf16.", file=sys.stderr)
             code = EXIT_NONFINITE
             break
+        if valid_loader is not None and due(run, step):
+            monitor.record_eval(step, evaluate(engine, valid_loader, run, ds["gradient_accumulation_steps"], device))
         signalled = agree(stop.raised is not None, device)
         if step % run.save_interval == 0 or step == run.max_steps or signalled:
             state = {"data": {"consumed_samples": step * run.global_batch_size, "seed": run.seed},
@@ -281,13 +295,6 @@ def zero_step(engine, data_iter, accumulation, device):
         correct += (out.logits.argmax(-1) == out.labels).sum().item()
         predicted += out.labels.numel()
     return sum(losses) / len(losses), correct / max(predicted, 1)
-
-
-def pipeline_batches(batches):
-    """The pipeline engine's micro-batch format: (inputs for the first stage, labels for the loss). The
-    labels also travel inside the inputs: the last block selects the masked positions with them."""
-    for batch in batches:
-        yield (batch["input_ids"], batch["attention_mask"], batch["labels"]), batch["labels"]
 
 
 def _grad_norm(engine):

@@ -55,6 +55,11 @@ class RunConfig:
     save_interval: int = 1000  # steps; also on SIGTERM/SIGUSR1
     keep_last: int = 3
     init_from_release: str = ""  # start from a release directory (transformers layout) instead of random weights
+    # held-out evaluation (pipeline/evaluate.py): every eval_interval steps and at the last step, the MLM
+    # loss over the first eval_steps global batches of valid_data_dir, the same samples and masks each time
+    valid_data_dir: str = ""  # shards from `deberta-ds preprocess` with the training tokenizer; "": none
+    eval_interval: int = 1000
+    eval_steps: int = 10
     # logging
     log_interval: int = 10
     peak_tflops: Optional[float] = None  # per device, for the MFU estimate; None: a guess from the device name
@@ -92,7 +97,7 @@ class RunConfig:
         if self.optimizer not in ("adamw", "cpu_adam"):
             raise ConfigError(f"{source}: optimizer {self.optimizer!r} is not 'adamw' or 'cpu_adam'")
         for name in ("global_batch_size", "micro_batch_size", "max_steps", "save_interval", "keep_last",
-                     "log_interval", "pipeline_stages"):
+                     "log_interval", "pipeline_stages", "eval_interval", "eval_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{source}: {name} must be at least 1, got {getattr(self, name)}")
         try:

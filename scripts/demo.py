@@ -2,8 +2,10 @@
 
   1. corpus      the Python standard library's docstrings (real text every machine has)
   2. tokenizer   a sentencepiece model with DeBERTa's special ids
-  3. shards      packed 128-token sequences, memory-mapped, with checksums
-  4. pretrain    the tiny DeBERTa (MLM + Enhanced Mask Decoder), ZeRO-3 on 2 CPU ranks (torchrun, gloo)
+  3. shards      packed 128-token sequences, memory-mapped, with checksums; the last corpus file apart,
+                 as validation shards
+  4. pretrain    the tiny DeBERTa (MLM + Enhanced Mask Decoder), ZeRO-3 on 2 CPU ranks (torchrun, gloo),
+                 with the held-out loss every quarter of the run
   5. convert     the ZeRO-3 checkpoint -> a release directory that transformers loads (--verify)
   6. finetune    a BoolQ-format task made from the corpus, with SiFT, under DeepSpeed
   7. predict     the leaderboard-format submission file
@@ -68,29 +70,39 @@ def boolq_from_corpus(corpus_dir, out_dir, seed=0):
 
 
 def loss_curve(run_dir):
+    """(mean loss of the first 10 steps, of the last 10, last step, {step: held-out loss})."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        losses = {r["step"]: r["loss"] for r in map(json.loads, f)}
+        records = [json.loads(line) for line in f]
+    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
+    held_out = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
     steps = sorted(losses)
     first, last = steps[:10], steps[-10:]
-    return sum(losses[s] for s in first) / len(first), sum(losses[s] for s in last) / len(last), steps[-1]
+    return (sum(losses[s] for s in first) / len(first), sum(losses[s] for s in last) / len(last), steps[-1],
+            held_out)
 
 
 def main():
     started = time.time()
     shutil.rmtree(OUT, ignore_errors=True)
     os.makedirs(os.path.join(OUT, "logs"))
-    corpus, shards, run, release = (os.path.join(OUT, n) for n in ("corpus", "shards", "run", "release"))
+    corpus, shards, valid, run, release = (os.path.join(OUT, n) for n in ("corpus", "shards", "valid", "run",
+                                                                          "release"))
     step("1. corpus", cli("corpus", "--output", corpus), "corpus.log")
     step("2. tokenizer", cli("tokenizer", "train", "--input", os.path.join(corpus, "*"), "--output",
                              os.path.join(OUT, "spm"), "--vocab-size", "1000"), "tokenizer.log")
-    step("3. shards", cli("preprocess", "--input", os.path.join(corpus, "*"), "--tokenizer",
+    # the last corpus file is held out: the validation shards pretraining evaluates on
+    corpus_files = sorted(os.path.join(corpus, name) for name in os.listdir(corpus))
+    step("3. shards", cli("preprocess", "--input", *corpus_files[:-1], "--tokenizer",
                           os.path.join(OUT, "spm.model"), "--output-dir", shards, "--max-seq-len", "128",
                           "--workers", "2", "--no-progress"), "preprocess.log")
+    step("   validation shards", cli("preprocess", "--input", corpus_files[-1], "--tokenizer",
+                                     os.path.join(OUT, "spm.model"), "--output-dir", valid, "--max-seq-len", "128",
+                                     "--workers", "1", "--no-progress"), "preprocess_valid.log")
     step("4. pretrain (ZeRO-3, 2 CPU ranks)",
          [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
           "-m", "pipeline.pretrain", "--config", "configs/pretrain_tiny_cpu.json", "--deepspeed",
-          "ds_configs/cpu_zero3_fp32.json", "--data-dir", shards, "--output-dir", run,
-          "--set", f"max_steps={PRETRAIN_STEPS}", "--set", f"save_interval={PRETRAIN_STEPS // 2}",
+          "ds_configs/cpu_zero3_fp32.json", "--data-dir", shards, "--valid-data-dir", valid, "--output-dir", run,
+          "--set", f"eval_interval={PRETRAIN_STEPS // 4}", "--set", f"max_steps={PRETRAIN_STEPS}", "--set", f"save_interval={PRETRAIN_STEPS // 2}",
           "--set", f"warmup_steps={PRETRAIN_STEPS // 10}", "--set", "log_interval=50"], "pretrain.log")
     step("5. convert to a release (and verify it in transformers)",
          cli("convert", "to-release", "--checkpoint", os.path.join(run, "checkpoints"), "--output", release,
@@ -105,7 +117,7 @@ def main():
          cli("predict", "--task", "BoolQ", "--model", os.path.join(OUT, "finetune", "best"), "--data-dir",
              os.path.join(OUT, "superglue"), "--output-dir", os.path.join(OUT, "submission")), "predict.log")
 
-    first, last, steps = loss_curve(run)
+    first, last, steps, held_out = loss_curve(run)
     with open(os.path.join(OUT, "finetune", "metrics.json")) as f:
         finetune = json.load(f)
     print("\n== what the demo produced (all under", OUT + ")")
@@ -113,6 +125,8 @@ def main():
     print(f"   shards      {shards}")
     print(f"   pretraining {steps} steps: MLM+EMD loss {first:.3f} (first 10 steps) -> {last:.3f} (last 10)"
           f"; checkpoints in run/checkpoints, TensorBoard in run/tensorboard")
+    print("               held-out loss (the last corpus file): "
+          + ", ".join(f"{loss:.3f} at step {step}" for step, loss in sorted(held_out.items())))
     with open(os.path.join(OUT, "logs", "convert.log")) as f:
         verified = [line.strip() for line in f if line.startswith("verify:")]
     print(f"   release     {release} (loads with transformers.AutoModelForMaskedLM)")

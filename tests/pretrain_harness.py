@@ -49,13 +49,15 @@ def pretrain(data_dir, out_dir, nproc=2, sets=(), ds=ZERO3, ds_sets=(), config=T
     return subprocess.run(cmd, cwd=ROOT, env=run_env(extra_env), capture_output=True, text=True, timeout=timeout)
 
 
-def losses(out_dir):
-    """{step: loss} from metrics.jsonl (the last record of a step wins: a resumed run rewrites it)."""
+def losses(out_dir, key="loss"):
+    """{step: loss} from metrics.jsonl (the last record of a step wins: a resumed run rewrites it);
+    key="val_loss" gives the held-out evaluations."""
     found = {}
     with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
         for line in f:
             record = json.loads(line)
-            found[record["step"]] = record["loss"]
+            if key in record:
+                found[record["step"]] = record[key]
     return found
 
 
@@ -75,3 +77,19 @@ def tiny_shards(tmp_path_factory):
         result = cli(*args)
         assert result.returncode == 0, explain(result)
     return work / "shards"
+
+
+@pytest.fixture(scope="session")
+def valid_shards(tiny_shards):
+    """Validation shards: one corpus file through `preprocess` again (held-out data in a real run; here it
+    overlaps the training data, which the evaluation mechanics do not care about)."""
+    work = tiny_shards.parent
+    first = sorted((work / "corpus").iterdir())[0]
+    result = cli("preprocess", "--input", str(first), "--tokenizer", str(work / "spm.model"), "--output-dir",
+                 str(work / "valid"), "--max-seq-len", "128", "--workers", "1", "--no-progress")
+    assert result.returncode == 0, explain(result)
+    return work / "valid"
+
+
+def eval_sets(valid_dir, interval=2, steps=1):
+    return [f"valid_data_dir={json.dumps(str(valid_dir))}", f"eval_interval={interval}", f"eval_steps={steps}"]

@@ -1,5 +1,6 @@
 """Distributed pretraining for real: torchrun, 2 gloo ranks on the CPU, the tiny model on shards of the
 embedded corpus. Losses are compared step by step from each run's metrics.jsonl."""
+import json
 import os
 import shutil
 import signal
@@ -9,8 +10,8 @@ import time
 
 import pytest
 
-from pretrain_harness import (NO_DROPOUT, PIPE, ROOT, TINY_RUN, ZERO3, explain, losses, pretrain, run_env,
-                              tiny_shards)  # noqa: F401 (fixture)
+from pretrain_harness import (NO_DROPOUT, PIPE, ROOT, TINY_RUN, ZERO3, eval_sets, explain, losses, pretrain,
+                              run_env, tiny_shards, valid_shards)  # noqa: F401 (fixtures)
 
 TOL = 1e-5
 
@@ -21,22 +22,54 @@ def assert_close(a, b, steps, tol=TOL):
 
 
 @pytest.fixture(scope="module")
-def zero3_two_ranks(tiny_shards, tmp_path_factory):
-    """The 2-rank ZeRO-3 baseline (no dropout): 4 steps, checkpoints at 2 and 4."""
+def zero3_two_ranks(tiny_shards, valid_shards, tmp_path_factory):
+    """The 2-rank ZeRO-3 baseline (no dropout): 4 steps, checkpoints at 2 and 4, held-out evaluations at
+    2 and 4."""
     out = tmp_path_factory.mktemp("zero3_2")
-    result = pretrain(tiny_shards, out, nproc=2, sets=NO_DROPOUT + ["max_steps=4", "save_interval=2"])
+    result = pretrain(tiny_shards, out, nproc=2, sets=NO_DROPOUT + ["max_steps=4", "save_interval=2"]
+                      + eval_sets(valid_shards))
     assert result.returncode == 0, explain(result)
     (out / "pretrain.stderr").write_text(result.stderr)
     return out
 
 
-def test_zero3_on_two_ranks_equals_one_process(zero3_two_ranks, tiny_shards, tmp_path):
+def test_zero3_on_two_ranks_equals_one_process(zero3_two_ranks, tiny_shards, valid_shards, tmp_path):
     # same global batch (8): 2 ranks x micro 4, or 1 rank x micro 4 x 2 accumulation steps
-    result = pretrain(tiny_shards, tmp_path, nproc=1, sets=NO_DROPOUT + ["max_steps=4"])
+    result = pretrain(tiny_shards, tmp_path, nproc=1, sets=NO_DROPOUT + ["max_steps=4"] + eval_sets(valid_shards))
     assert result.returncode == 0, explain(result)
     two, one = losses(zero3_two_ranks), losses(tmp_path)
     assert_close(two, one, range(1, 5))
     assert two[4] < two[1]  # it learns
+    # the held-out loss: the same samples and masks whatever the number of ranks
+    val_two, val_one = losses(zero3_two_ranks, "val_loss"), losses(tmp_path, "val_loss")
+    assert sorted(val_two) == sorted(val_one) == [2, 4]
+    assert_close(val_two, val_one, [2, 4])
+    assert val_two[4] < val_two[2]
+    assert "validation: 8 of" in result.stderr
+
+
+def test_evaluation_leaves_training_as_it_was(tiny_shards, valid_shards, tmp_path):
+    """With dropout on: an evaluation after every step must leave the model in training mode, with no
+    gradient and no random draw of its own, so the training losses equal a run without it."""
+    plain = pretrain(tiny_shards, tmp_path / "plain", nproc=1, sets=["max_steps=3"])
+    evaluated = pretrain(tiny_shards, tmp_path / "eval", nproc=1, sets=["max_steps=3"] + eval_sets(valid_shards, 1))
+    assert plain.returncode == 0 and evaluated.returncode == 0, explain(evaluated)
+    assert losses(tmp_path / "plain") == losses(tmp_path / "eval")
+    records = [json.loads(line) for line in open(tmp_path / "eval" / "metrics.jsonl", encoding="utf-8")]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [1, 2, 3]
+    assert all(0 <= r["val_mlm_accuracy"] < 1 and r["eval_time_s"] > 0 for r in evals)
+
+
+def test_validation_set_that_cannot_serve_is_refused(tiny_shards, valid_shards, tmp_path):
+    result = pretrain(tiny_shards, tmp_path / "big", nproc=1, sets=["max_steps=2"]
+                      + eval_sets(valid_shards, steps=100000))
+    assert result.returncode == 1
+    assert "validation samples, fewer than eval_steps x global_batch_size = 100000 x 8" in result.stderr
+    missing = pretrain(tiny_shards, tmp_path / "missing", nproc=1, sets=["max_steps=2"]
+                       + eval_sets(tmp_path / "nowhere"))
+    assert missing.returncode == 1 and "validation directory" in missing.stderr
+    assert not (tmp_path / "big" / "checkpoints" / "global_step2").exists()
 
 
 def test_zero3_checkpoint_has_universal_info_and_resumes_on_one_rank(zero3_two_ranks, tiny_shards, tmp_path):
@@ -70,13 +103,14 @@ def test_leaf_layers_are_those_a_forward_runs_once():
     assert leaf_layers(without) == list(without.deberta.encoder.layer)
 
 
-def test_pipeline_two_stages_equal_one_stage(tiny_shards, tmp_path):
-    common = NO_DROPOUT + ["mode=pipeline", "max_steps=3", "save_interval=3"]
+def test_pipeline_two_stages_equal_one_stage(tiny_shards, valid_shards, tmp_path):
+    common = NO_DROPOUT + ["mode=pipeline", "max_steps=3", "save_interval=3"] + eval_sets(valid_shards)
     one = pretrain(tiny_shards, tmp_path / "one", nproc=1, ds=PIPE, sets=common + ["pipeline_stages=1"])
     assert one.returncode == 0, explain(one)
     two = pretrain(tiny_shards, tmp_path / "two", nproc=2, ds=PIPE, sets=common + ["pipeline_stages=2"])
     assert two.returncode == 0, explain(two)
     assert_close(losses(tmp_path / "one"), losses(tmp_path / "two"), range(1, 4))
+    assert_close(losses(tmp_path / "one", "val_loss"), losses(tmp_path / "two", "val_loss"), [2, 3])
     files = os.listdir(tmp_path / "two" / "checkpoints" / "global_step3")
     assert any(f.startswith("layer_") for f in files)  # the pipeline engine's per-layer files
 

@@ -97,13 +97,16 @@ def test_chain_preprocess_array_pretrain_two_nodes_convert_finetune(chain, slurm
 def test_signal_checkpoints_requeues_and_resumes_exactly(chain, slurm_cluster, launcher, tmp_path):
     """SIGUSR1 to the batch shell mid-run (as `--signal=B:USR1@SECS` before a time limit): the ranks
     save and exit 75, the job requeues itself and resumes with no flag; with dropout on, every
-    step's loss equals the uninterrupted chain run (same data, same 2 ranks) bitwise."""
+    step's loss equals the uninterrupted chain run (same data, same 2 ranks) bitwise. This run also
+    evaluates every 2 steps (VALID_DATA_DIR; the training shards serve, only the plumbing is checked),
+    which the chain run does not: the evaluation changes no training loss."""
     work, ids, states, logs = chain
     assert states[ids["pretrain"]] == "COMPLETED"
     out = tmp_path / "run"
     job = slurm_cluster.sbatch(os.path.join(SLURM, "pretrain.sbatch"), env=dict(
         JOB_ENV, LAUNCHER=launcher, RUN_CONFIG=TINY_RUN, DS_CONFIG=ZERO3, DATA_DIR=str(work / "shards"),
-        OUTPUT_DIR=str(out), EXTRA_ARGS=PRETRAIN_ARGS))
+        VALID_DATA_DIR=str(work / "shards"), OUTPUT_DIR=str(out),
+        EXTRA_ARGS=PRETRAIN_ARGS + " --set eval_interval=2 --set eval_steps=1"))
     deadline = time.monotonic() + 180
     while not (out / "metrics.jsonl").exists() or len(losses(out)) < 3:
         assert time.monotonic() < deadline and slurm_cluster.state(job) in ("PENDING", "RUNNING"), \
@@ -123,6 +126,7 @@ def test_signal_checkpoints_requeues_and_resumes_exactly(chain, slurm_cluster, l
     assert f"LAUNCHER={launcher}, 2 node(s) x 1 rank(s)" in text
     baseline, resumed = losses(work / "run"), losses(out)
     assert [resumed[s] for s in range(1, STEPS + 1)] == [baseline[s] for s in range(1, STEPS + 1)]
+    assert sorted(losses(out, "val_loss")) == sorted(set(range(2, STEPS + 1, 2)) | {STEPS})
 
 
 def test_pipeline_stages_that_do_not_fit_the_nodes_fail_the_job_before_srun(slurm_cluster, chain, tmp_path):
@@ -174,6 +178,8 @@ def test_scripts_started_outside_an_allocation_say_so(script, tmp_path):
                          "LAUNCHER": "pdsh"}, "LAUNCHER=pdsh: use srun or deepspeed"),
     ("pretrain.sbatch", {"DS_CONFIG": ZERO3, "DATA_DIR": "{tmp}", "OUTPUT_DIR": "{tmp}/run"},
      "RUN_CONFIG is not set"),
+    ("pretrain.sbatch", {"RUN_CONFIG": TINY_RUN, "DS_CONFIG": ZERO3, "DATA_DIR": "{tmp}", "OUTPUT_DIR": "{tmp}/run",
+                         "VALID_DATA_DIR": "{tmp}/no-valid"}, "VALID_DATA_DIR={tmp}/no-valid: no such directory"),
     ("preprocess.sbatch", {"INPUT": "{tmp}/corpus/*.txt", "TOKENIZER": TINY_RUN, "OUTPUT_DIR": "{tmp}/shards"},
      "INPUT={tmp}/corpus/*.txt matches no file"),
     ("finetune.sbatch", {"TASK": "CB", "RELEASE_DIR": "{tmp}/no-release", "DATA_DIR": "{tmp}", "OUTPUT_DIR": "{tmp}/ft"},
