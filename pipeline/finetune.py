@@ -23,11 +23,17 @@ Under ZeRO-3 SiFT's ascent pass, which calls the plain module rather than the en
 parameters: DeepSpeed gathers them in hooks on the module's submodules, not in the engine's forward
 (tests/test_finetune_distributed.py: 2 ranks with ZeRO-2 and ZeRO-3 train like one process).
 
+Preemption: on SIGTERM or SIGUSR1 the ranks finish the optimizer step in flight, agree, save a DeepSpeed
+checkpoint with the loop's position in OUT/checkpoints and exit 75, as pretraining does; the same command
+run again continues from there, with the results of an uninterrupted run (tested bitwise). A checkpoint
+written with other settings, data, start or number of ranks is refused; it is removed when the run ends.
+
 Starting from an MNLI-fine-tuned release (`--init-from-mnli DIR`, for RTE, CB, COPA): the encoder and
 pooler come from the MNLI model, and each output of the new classifier from the MNLI classifier row
 named by the task's `mnli_head_rows` (CB: all three rows; RTE: neutral, entailment; COPA: entailment).
 
-Exit codes: 0 done; 1 bad input (data, release, settings), printed as one line. Under
+Exit codes: 0 done; 1 bad input (data, release, settings), printed as one line; 75 checkpointed on a
+signal (run it again to continue). Under
 torch.distributed the process ends with os._exit after a barrier (see DEEPSPEED_NOTES, "exit abort").
 """
 import argparse
@@ -35,6 +41,8 @@ import json
 import math
 import os
 import random
+import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -384,6 +392,44 @@ def metrics_table(task, epochs, best_epoch):
     return "\n".join([f"{task.name} (val)", line(header), separator] + [line(r) for r in rows])
 
 
+# ---------------------------------------------------------------- preemption
+def run_identity(task, args, settings, world_size):
+    """What a resumed run must share with the run that saved: as JSON would give it back."""
+    values = {"task": task.name, "release": args.release, "init_from_mnli": args.init_from_mnli,
+              "data_dir": args.data_dir, "settings": settings, "world_size": world_size}
+    return json.loads(json.dumps(values, default=str))
+
+
+def resume_position(engine, ckpt_dir, identity, rank):
+    """The loop position saved in ckpt_dir ({} if none), after loading the engine, optimizer, schedule and
+    every rank's RNG states from it."""
+    from pipeline import checkpoint
+    tag, meta = checkpoint.latest(ckpt_dir)
+    if tag is None:
+        return {}
+    saved = meta.get("run", {})
+    differs = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+    if differs:
+        raise UsageError(f"{os.path.join(ckpt_dir, tag)}: saved by a run with another {', '.join(differs)}; "
+                         f"remove {ckpt_dir} to start again, or use another --output-dir")
+    try:
+        return checkpoint.load(engine, ckpt_dir, tag, rank)
+    except checkpoint.ResumeError as error:
+        raise UsageError(str(error)) from None
+
+
+def save_position(engine, ckpt_dir, step, position, identity, rank):
+    from pipeline import checkpoint
+    checkpoint.save(engine, ckpt_dir, step, position, {"run": identity}, keep_last=1, rank=rank)
+
+
+def signal_for_tests(step, rank):
+    """DEBERTA_DS_FAULT_SIGNAL_AT_STEPS=5,8: rank 0 sends itself SIGUSR1 after those optimizer steps."""
+    steps = os.environ.get("DEBERTA_DS_FAULT_SIGNAL_AT_STEPS", "")
+    if rank == 0 and str(step) in steps.split(","):
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+
 # ---------------------------------------------------------------- the run
 def seed_everything(seed):
     random.seed(seed)
@@ -452,20 +498,43 @@ def finetune(args):
     log("settings: " + json.dumps(settings, sort_keys=True))
     log(f"SiFT: {'on, λ=' + str(lambda_) if sift.enabled else 'off'}")
 
-    epochs, best = [], None
+    from pipeline.pretrain import EXIT_REQUEUE, StopFlag, agree
+    stop = StopFlag()
+    ckpt_dir = os.path.join(args.output_dir, "checkpoints")
+    identity = run_identity(task, args, settings, world_size)
+    position = resume_position(engine, ckpt_dir, identity, rank)
+    epochs, best = position.get("epochs", []), position.get("best")
+    start_epoch, start_batch = position.get("epoch", 1), position.get("batch", 0)
+    if position:
+        log(f"resumed from {ckpt_dir} at epoch {start_epoch}, optimizer step {position['step']}")
     best_dir = os.path.join(args.output_dir, "best")
-    started = time.time()
-    for epoch in range(1, int(settings["epochs"]) + 1):
+    started = time.time() - position.get("elapsed_s", 0.0)
+    for epoch in range(start_epoch, int(settings["epochs"]) + 1):
         engine.train()
         micro_batches, _ = epoch_micro_batches(len(train_features), settings, epoch, rank, world_size)
-        sums = np.zeros(3)
-        for indices in micro_batches:
-            batch = to_device(sg.collate([train_features[i] for i in indices]), engine.device)
+        resuming = epoch == start_epoch and position
+        sums = np.array(position["sums"][rank]) if resuming else np.zeros(3)
+        for index in range(start_batch if resuming else 0, len(micro_batches)):
+            batch = to_device(sg.collate([train_features[i] for i in micro_batches[index]]), engine.device)
             out = sift.loss(batch, forward=engine)
             engine.backward(out.loss)
             engine.step()
             adv = 0.0 if out.adv_loss is None else out.adv_loss.item()
             sums += [out.loss.item(), out.task_loss.item(), adv]
+            if (index + 1) % accumulation:
+                continue  # a checkpoint only between optimizer steps
+            step = (epoch - 1) * steps_per_epoch + (index + 1) // accumulation
+            signal_for_tests(step, rank)
+            if agree(stop.raised is not None, engine.device):
+                # DeepSpeed keeps rank 0's client state: every rank's loss sums go into it
+                all_sums = [None] * world_size
+                torch.distributed.all_gather_object(all_sums, sums.tolist())
+                save_position(engine, ckpt_dir, step, {"epoch": epoch, "batch": index + 1, "sums": all_sums,
+                                                       "epochs": epochs, "best": best,
+                                                       "elapsed_s": time.time() - started}, identity, rank)
+                log(f"stopping on {stop.raised or 'a signal on another rank'} after optimizer step {step} "
+                    f"(epoch {epoch}): checkpoint saved in {ckpt_dir}; exit {EXIT_REQUEUE} (run again to resume)")
+                return EXIT_REQUEUE
         train_loss, task_loss, adv_loss = mean_across_ranks((sums / max(len(micro_batches), 1)).tolist(), world_size)
         scores = evaluate(engine, task, val_examples, val_features, settings, rank, world_size)
         record = {"epoch": epoch, "step": epoch * steps_per_epoch, "lr": engine.get_lr()[0],
@@ -488,6 +557,7 @@ def finetune(args):
                                           "val": best["val"], "release": best_dir}}
     if rank == 0:
         write_json_atomic(os.path.join(args.output_dir, "metrics.json"), summary)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is complete: nothing to resume
         print(metrics_table(task, epochs, best["epoch"]), flush=True)
         print(f"best: epoch {best['epoch']}, {task.name} val score {best['val']['score']:.4f} -> {best_dir}",
               flush=True)

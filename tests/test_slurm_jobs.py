@@ -93,6 +93,22 @@ def test_chain_preprocess_array_pretrain_two_nodes_convert_finetune(chain, slurm
     assert os.path.exists(work / "finetune-CB" / "best" / "config.json")
 
 
+def usr1_when(slurm_cluster, job, ready):
+    """Once ready() holds, SIGUSR1 to the job's batch shell (as `--signal=B:USR1@SECS` before a time
+    limit); then the job must complete after exactly one requeue. Returns its output."""
+    deadline = time.monotonic() + 180
+    while not ready():
+        assert time.monotonic() < deadline and slurm_cluster.state(job) in ("PENDING", "RUNNING"), \
+            slurm_cluster.output(job)
+        time.sleep(0.2)
+    slurm_cluster.cancel(job, "--signal=USR1", "--batch")
+    state = slurm_cluster.wait(job, timeout=300)
+    text = slurm_cluster.output(job)
+    assert state == "COMPLETED", text
+    assert slurm_cluster.restarts(job) == 1, text
+    return text
+
+
 @pytest.mark.parametrize("launcher", ["srun", "deepspeed"])
 def test_signal_checkpoints_requeues_and_resumes_exactly(chain, slurm_cluster, launcher, tmp_path):
     """SIGUSR1 to the batch shell mid-run (as `--signal=B:USR1@SECS` before a time limit): the ranks
@@ -107,17 +123,7 @@ def test_signal_checkpoints_requeues_and_resumes_exactly(chain, slurm_cluster, l
         JOB_ENV, LAUNCHER=launcher, RUN_CONFIG=TINY_RUN, DS_CONFIG=ZERO3, DATA_DIR=str(work / "shards"),
         VALID_DATA_DIR=str(work / "shards"), OUTPUT_DIR=str(out),
         EXTRA_ARGS=PRETRAIN_ARGS + " --set eval_interval=2 --set eval_steps=1"))
-    deadline = time.monotonic() + 180
-    while not (out / "metrics.jsonl").exists() or len(losses(out)) < 3:
-        assert time.monotonic() < deadline and slurm_cluster.state(job) in ("PENDING", "RUNNING"), \
-            slurm_cluster.output(job)
-        time.sleep(0.2)
-    slurm_cluster.cancel(job, "--signal=USR1", "--batch")
-    state = slurm_cluster.wait(job, timeout=300)
-    text = slurm_cluster.output(job)
-    assert state == "COMPLETED", text
-    assert slurm_cluster.restarts(job) == 1, text
-
+    text = usr1_when(slurm_cluster, job, lambda: (out / "metrics.jsonl").exists() and len(losses(out)) >= 3)
     stopped = int(re.search(r"stopping on SIGUSR1 after step (\d+): checkpoint saved", text).group(1))
     assert 3 <= stopped < STEPS
     assert "got SIGUSR1: asking the job step to checkpoint" in text
@@ -127,6 +133,25 @@ def test_signal_checkpoints_requeues_and_resumes_exactly(chain, slurm_cluster, l
     baseline, resumed = losses(work / "run"), losses(out)
     assert [resumed[s] for s in range(1, STEPS + 1)] == [baseline[s] for s in range(1, STEPS + 1)]
     assert sorted(losses(out, "val_loss")) == sorted(set(range(2, STEPS + 1, 2)) | {STEPS})
+
+
+def test_finetune_checkpoints_on_a_signal_requeues_and_finishes(chain, slurm_cluster, corpus, tmp_path):
+    """finetune.sbatch gets SIGUSR1 in its second epoch: the rank saves and exits 75, the job requeues
+    itself, and the next run continues from the checkpoint to the last epoch."""
+    work = chain[0]
+    out = tmp_path / "ft"
+    job = slurm_cluster.sbatch(os.path.join(SLURM, "finetune.sbatch"), env=dict(
+        JOB_ENV, TASK="CB", RELEASE_DIR=str(work / "release"), DATA_DIR=str(corpus / "superglue"),
+        OUTPUT_DIR=str(out), DS_CONFIG=os.path.join(ROOT, "ds_configs", "finetune_cpu.json"),
+        EXTRA_ARGS="--epochs 12 --batch-size 8 --max-seq-len 32"))
+    text = usr1_when(slurm_cluster, job, lambda: "epoch 1:" in slurm_cluster.output(job))
+    stopped = int(re.search(r"stopping on SIGUSR1 after optimizer step (\d+)", text).group(1))
+    assert 4 <= stopped < 48  # 4 steps per epoch, 12 epochs
+    assert f"resumed from {out / 'checkpoints'} at epoch" in text and f"optimizer step {stopped}" in text
+    assert f"requeuing job {job} (restart 1)" in text
+    metrics = json.load(open(out / "metrics.json"))
+    assert [e["epoch"] for e in metrics["epochs"]] == list(range(1, 13))
+    assert sorted(os.listdir(out)) == ["best", "metrics.json"]
 
 
 def test_pipeline_stages_that_do_not_fit_the_nodes_fail_the_job_before_srun(slurm_cluster, chain, tmp_path):
