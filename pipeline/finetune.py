@@ -78,7 +78,9 @@ def add_arguments(parser):
                        "classifier rows copied from the MNLI rows the task names (RTE, CB, COPA)")
     parser.add_argument("--data-dir", help="official SuperGLUE layout DIR/<Task>/{train,val}.jsonl (MNLI: GLUE "
                         "TSVs); without it the data come from `datasets`")
-    parser.add_argument("--output-dir", required=True, help="where metrics.json and the best release (OUT/best) go")
+    parser.add_argument("--output-dir", required=True,
+                        help="where metrics.json and the best release (OUT/best) go; after SIGTERM/SIGUSR1 (exit "
+                        "75) also OUT/checkpoints, from which the same command continues")
     parser.add_argument("--deepspeed", default=None,
                         help="DeepSpeed config JSON (default: ds_configs/finetune_zero2_bf16.json with a GPU, "
                         "ds_configs/finetune_cpu.json without)")
