@@ -182,7 +182,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.child:
         return child(args)
-    forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
+    forwarded = list(argv if argv is not None else sys.argv[1:])
     print(f"# {args.layers} layers, hidden {args.hidden or 'of the preset'}, batch {args.batch} x {args.seq}, "
           f"{args.dtype} on {args.device}, activation checkpointing {'off' if args.no_checkpointing else 'on'}, "
           f"ZeRO settings from {os.path.relpath(args.deepspeed, ROOT)} {' '.join(args.ds)}", flush=True)

@@ -212,7 +212,7 @@ def train(run, ds, env):
         validation = (f", validation: {run.eval_steps * run.global_batch_size} of {len(valid_loader.data)} samples "
                       f"every {run.eval_interval} steps" if valid_loader else "")
         print(f"pretrain: mode {run.mode}, {world} ranks (dp {dp_size} x stages {run.pipeline_stages}), "
-              f"{precision(ds)}, ZeRO {zero_stage(ds)}{leaf_note(module)}, global batch "
+              f"{precision(ds)}, ZeRO {zero_stage(ds)}{leaf_note(module, model_config.num_hidden_layers)}, global batch "
               f"{run.global_batch_size}, {len(loader.data)} samples, {where}{validation}", file=sys.stderr)
 
     peak = (run.peak_tflops or guess_peak_tflops() or 0) * 1e12 * world
@@ -274,12 +274,11 @@ def train(run, ds, env):
     return code
 
 
-def leaf_note(module):
+def leaf_note(module, num_layers):
     """' (k of n encoder layers gathered whole)' when ZeRO-3 treats some layers as leaf modules."""
     from deepspeed.utils import get_z3_leaf_modules
     leaves = len(get_z3_leaf_modules(module))
-    layers = getattr(getattr(getattr(module, "deberta", None), "encoder", None), "layer", None)
-    return f" ({leaves} of {len(layers)} encoder layers gathered whole)" if leaves and layers is not None else ""
+    return f" ({leaves} of {num_layers} encoder layers gathered whole)" if leaves else ""
 
 
 def zero_step(engine, data_iter, accumulation, device):
