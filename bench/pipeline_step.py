@@ -1,0 +1,74 @@
+"""Pipeline mode's training step time: `deberta-ds pretrain --set mode=pipeline` on 2 CPU ranks (2 stages).
+
+    python bench/pipeline_step.py [--work /tmp/bench-pipe] [--steps 30] [--layers 4] [--hidden 256] [--seq 256]
+
+Builds the demo corpus, a 1000-piece tokenizer and shards of --seq tokens in --work (once; reused when
+present), then runs the real command under torchrun with 2 ranks and 2 pipeline stages, fp32, no dropout,
+and reports the median `step_time_s` of metrics.jsonl over the logged intervals after the first (each
+interval's value is the mean step time over its steps). The model is the tiny preset widened to --hidden
+(heads of 64) with --layers layers; the global batch is 4 micro-batches of 4 sequences (1F1B over 2 stages).
+"""
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(*args, env):
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"deberta-ds {args[0]} failed:\n{result.stderr[-3000:]}")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="/tmp/bench-pipeline-step")
+    p.add_argument("--steps", type=int, default=30, help="training steps (default 30; logged every 5)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--seq", type=int, default=256)
+    args = p.parse_args()
+    env = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    shards = os.path.join(args.work, f"shards-{args.seq}")
+    if not os.path.exists(os.path.join(shards, "spm.model")):
+        cli("corpus", "--output", os.path.join(args.work, "corpus"), "--max-bytes", "1500000", env=env)
+        cli("tokenizer", "train", "--input", os.path.join(args.work, "corpus", "*"), "--output",
+            os.path.join(args.work, "spm"), "--vocab-size", "1000", env=env)
+        cli("preprocess", "--input", os.path.join(args.work, "corpus", "*"), "--tokenizer",
+            os.path.join(args.work, "spm.model"), "--output-dir", shards, "--max-seq-len", str(args.seq),
+            "--no-progress", env=env)
+    out = os.path.join(args.work, f"run-{time.time():.0f}")
+    overrides = {"num_hidden_layers": args.layers, "hidden_size": args.hidden,
+                 "num_attention_heads": max(1, args.hidden // 64), "intermediate_size": 4 * args.hidden,
+                 "max_position_embeddings": args.seq, "hidden_dropout_prob": 0, "attention_probs_dropout_prob": 0}
+    sets = ["mode=pipeline", "pipeline_stages=2", f"max_steps={args.steps}", "save_interval=100000",
+            "log_interval=5", "global_batch_size=16", "micro_batch_size=4", "warmup_steps=2",
+            f"model_overrides={json.dumps(dict(overrides, vocab_size=1100))}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "pipeline.cli", "pretrain", "--config", os.path.join(ROOT, "configs", "pretrain_tiny_cpu.json"),
+           "--deepspeed", os.path.join(ROOT, "ds_configs", "cpu_pipeline_fp32.json"), "--data-dir", shards,
+           "--output-dir", out] + [a for s in sets for a in ("--set", s)]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"pretrain failed:\n{result.stderr[-4000:]}")
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"), encoding="utf-8")]
+    times = [r["step_time_s"] for r in records if "step_time_s" in r][1:]
+    print(json.dumps({"layers": args.layers, "hidden": args.hidden, "seq": args.seq, "steps": args.steps,
+                      "step_time_s_median": statistics.median(times), "step_time_s": times}))
+
+
+if __name__ == "__main__":
+    main()
