@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 # The CPU wheel that these machines carry; only used when no torch is importable at all.
 TORCH_FALLBACK ?= torch==2.13.0
 
-.PHONY: setup demo test system-deps bench clean
+.PHONY: setup demo test unit system-deps bench clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest tests -ra $(PYTEST_ARGS)
+
+# the in-process tests alone (tests/unit): a few minutes
+unit: setup
+	$(PY) -m pytest tests/unit -ra $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) bench/train_step.py $(BENCH_ARGS)

@@ -10,7 +10,9 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-ATTENTION_IMPLS = ("auto", "reference", "sdpa", "fused")
+ATTENTION_IMPLS = ("auto", "math", "eager", "sdpa", "fused")
+# earlier builds called the eager path "reference"; releases and run configs written then still load
+ATTENTION_ALIASES = {"reference": "eager"}
 
 
 @dataclass
@@ -46,15 +48,15 @@ class DebertaConfig:
     pooler_hidden_size: Optional[int] = None
     cls_dropout: Optional[float] = None  # None: hidden_dropout_prob
     # ours (transformers keeps unknown keys as attributes and ignores them)
-    # "reference" (eager, like the papers' code), "sdpa", "auto" (sdpa on CUDA, reference elsewhere), or
-    # "fused" (Triton flash attention with c2p/p2c and dropout inside, model/fused_attention.py; where its
-    # kernels cannot run, as "auto")
+    # the attention's implementation (model/attention.py): "math" (the formula as written), "eager", "sdpa",
+    # "fused" (model/fast/), or "auto" (sdpa where CUDA is, eager elsewhere)
     attention_impl: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.pos_att_type, str):
             self.pos_att_type = [t.strip() for t in self.pos_att_type.lower().split("|") if t.strip()]
         self.pos_att_type = list(self.pos_att_type or [])
+        self.attention_impl = ATTENTION_ALIASES.get(self.attention_impl, self.attention_impl)
         self.validate()
 
     # ---- derived sizes (one place, so the model never re-derives them differently) ----
@@ -140,13 +142,6 @@ class DebertaConfig:
         values["legacy"] = False  # our MLM head uses lm_predictions.lm_head.* (the official layout)
         values["tie_word_embeddings"] = True
         return dict(sorted(values.items()))
-
-    def to_json(self, path: str):
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
 
     def replace(self, **changes) -> "DebertaConfig":
         return dataclasses.replace(self, **changes)

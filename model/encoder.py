@@ -8,19 +8,10 @@ state dict loads with no key mapping.
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.attention import DisentangledSelfAttention, attention_mask_4d, relative_position_index
-from model.init import Dropout, Embedding, Linear, linear_param_grads
-
-ACTIVATIONS = {"gelu": F.gelu, "tanh": torch.tanh, "relu": F.relu}
-
-
-def activation(name):
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unsupported activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
+from model.layers import ActivatedLinear, Dropout, Embedding, Linear, activation
 
 
 class Output(dict):
@@ -103,44 +94,6 @@ class Attention(nn.Module):
         context = self.self(hidden_states, mask4d, rel_index, rel_embeddings, query_states)
         # the residual is the query input: the EMD's query, or the layer input
         return self.output(context, hidden_states if query_states is None else query_states)
-
-
-class ActivationThenLinear(torch.autograd.Function):
-    """linear(act(pre), weight, bias), keeping only `pre` for backward and computing act(pre) again
-    there. Autograd would keep both pre (for act's backward) and act(pre) (for the weight's gradient):
-    two [B, N, intermediate_size] tensors per layer, the largest a layer keeps after the attention
-    probabilities. Backward pays one more activation (about 2 ms per layer at batch 4 x 512, bf16)."""
-
-    @staticmethod
-    def forward(ctx, pre, weight, bias, act):
-        ctx.act = act
-        ctx.save_for_backward(pre, weight, bias)
-        return F.linear(act(pre), weight, bias)  # under autocast: the same casts as a Linear's
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, weight, bias = ctx.saved_tensors
-        with torch.enable_grad():
-            pre_leaf = pre.detach().requires_grad_()
-            activated = ctx.act(pre_leaf)
-        grad = grad.to(activated.dtype)
-        grad_weight, grad_bias = linear_param_grads(grad, activated.detach(), weight, bias)
-        grad_activated = grad @ weight.to(grad.dtype)
-        (grad_pre,) = torch.autograd.grad(activated, pre_leaf, grad_activated)
-        return grad_pre, grad_weight, grad_bias, None
-
-
-class ActivatedLinear(Linear):
-    """A Linear applied to act(x), with the activation recomputed in backward (ActivationThenLinear).
-    The parameters are the Linear's own (the same keys), and it is a module of its own so that ZeRO-3
-    gathers them around its forward and backward as for any Linear."""
-
-    def __init__(self, in_features, out_features, act, std):
-        super().__init__(in_features, out_features, std=std)
-        self.act = act
-
-    def forward(self, pre):
-        return ActivationThenLinear.apply(pre, self.weight, self.bias, self.act)
 
 
 class Intermediate(nn.Module):

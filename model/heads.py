@@ -16,14 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.encoder import AttentionInputs, DebertaModel, Output, activation, token_mask
-from model.init import AutocastLinear, Dropout, Linear, autocast_dtype_for
+from model.encoder import AttentionInputs, DebertaModel, Output, token_mask
+from model.fast.memory import AutocastLinear, FloatCrossEntropy, autocast_dtype_for
+from model.layers import Dropout, Linear, activation
 
 IGNORE_INDEX = -100  # labels at positions that are not predicted (transformers' convention)
 
 
 class LMHead(nn.Module):
-    """`lm_predictions.lm_head`: dense -> act -> LayerNorm, then the tied word embeddings and a bias."""
+    """`lm_predictions.lm_head`: dense -> act -> LayerNorm (the transform), then the tied word embeddings and a
+    bias (the decoder)."""
 
     def __init__(self, config):
         super().__init__()
@@ -33,12 +35,22 @@ class LMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, hidden, word_embeddings_weight):
-        h = self.LayerNorm(self.act(self.dense(hidden)))
-        dtype = autocast_dtype_for(word_embeddings_weight, h)
-        if dtype is None:
-            return torch.matmul(h, word_embeddings_weight.t()) + self.bias
-        # under autocast: the decoder's bf16 copy (32k x 768) is not kept for backward (AutocastLinear)
-        return AutocastLinear.apply(h, word_embeddings_weight, None, dtype) + self.bias
+        return decode_logits(lm_transform(self, hidden), word_embeddings_weight, self.bias)
+
+
+def lm_transform(head, hidden):
+    """LayerNorm(act(dense(hidden))) of a module with LMHead's dense, act and LayerNorm (pipeline mode's last
+    stage has them under the same names)."""
+    return head.LayerNorm(head.act(head.dense(hidden)))
+
+
+def decode_logits(h, word_embeddings_weight, bias):
+    """The tied decoder: h · word_embeddingsᵀ + bias."""
+    dtype = autocast_dtype_for(word_embeddings_weight, h)
+    if dtype is None:
+        return torch.matmul(h, word_embeddings_weight.t()) + bias
+    # under autocast: the decoder's bf16 copy (32k x 768) is not kept for backward (AutocastLinear)
+    return AutocastLinear.apply(h, word_embeddings_weight, None, dtype) + bias
 
 
 class MLMPredictions(nn.Module):
@@ -49,42 +61,45 @@ class MLMPredictions(nn.Module):
         self.lm_head = LMHead(config)
 
 
-class FloatCrossEntropy(torch.autograd.Function):
-    """The mean cross-entropy of logits [M, V] (any float dtype) against targets [M], computed in fp32 as
-    F.cross_entropy(logits.float(), targets) is, without its [M, V] fp32 tensors: the float copy, the
-    log-probabilities it keeps for backward, and backward's two. Forward keeps each row's log-sum-exp;
-    both directions work `chunk` rows at a time. At masked positions with a 32k vocab those tensors come
-    at the moment of the training step's peak memory (the whole forward's activations are still held)."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, chunk=64):
-        wide = torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 for fp64 logits
-        lse = torch.empty(logits.shape[0], dtype=wide, device=logits.device)
-        for start in range(0, logits.shape[0], chunk):
-            lse[start:start + chunk] = torch.logsumexp(logits[start:start + chunk].to(wide), dim=-1)
-        picked = logits.gather(1, targets[:, None]).squeeze(1).to(wide)
-        ctx.chunk = chunk
-        ctx.save_for_backward(logits, targets, lse)
-        return (lse - picked).mean()
-
-    @staticmethod
-    def backward(ctx, grad):
-        logits, targets, lse = ctx.saved_tensors
-        grad_logits = torch.empty_like(logits)
-        scale = grad.to(lse.dtype) / logits.shape[0]
-        for start in range(0, logits.shape[0], ctx.chunk):
-            rows = slice(start, start + ctx.chunk)
-            probs = (logits[rows].to(lse.dtype) - lse[rows, None]).exp_()  # softmax from the log-sum-exp; a new tensor
-            probs[torch.arange(probs.shape[0], device=probs.device), targets[rows]] -= 1
-            grad_logits[rows] = probs.mul_(scale)
-        return grad_logits, None, None
-
-
 def masked_positions(labels):
     """Positions to predict, as flat indices into [B*N], and their labels."""
     flat = labels.reshape(-1)
     index = torch.nonzero(flat != IGNORE_INDEX, as_tuple=True)[0]
     return index, flat[index]
+
+
+def enhanced_mask_decoder(run_last_layer, position_embeddings, hidden_prev, shared, position_ids, positions, steps):
+    """The Enhanced Mask Decoder: query = Z[pos] + H, then `steps` times query = last_layer(H, query), with
+    run_last_layer(hidden, attention inputs, query) running the last encoder layer and position_embeddings
+    the absolute table Z. Returns [B, N, D], or with `positions` (flat indices into B*N) only those rows,
+    [len(positions), D]. That is exact, not an approximation: keys and values come from hidden_prev, and
+    each query row's output depends on its own query only."""
+    B, N = hidden_prev.shape[:2]
+    if position_ids is None:
+        position_ids = torch.arange(N, device=hidden_prev.device)[None]
+    if positions is None:
+        query = position_embeddings(position_ids) + hidden_prev
+        for _ in range(steps):
+            query = run_last_layer(hidden_prev, shared, query)
+        return query
+    # The selected rows of each sequence, left-aligned and padded to the longest: rows [B, M]; slot is
+    # each position's column there. Padding slots read row 0 and their outputs are dropped.
+    batch_of, row_of = positions // N, positions % N
+    counts = torch.bincount(batch_of, minlength=B)
+    M = max(int(counts.max()), 1)
+    slot = torch.arange(len(positions), device=positions.device) - (torch.cumsum(counts, 0) - counts)[batch_of]
+    rows = torch.zeros(B, M, dtype=torch.long, device=positions.device)
+    rows[batch_of, slot] = row_of
+    batch = torch.arange(B, device=positions.device)[:, None]
+    query = position_embeddings(position_ids.expand(B, N)[batch, rows]) + hidden_prev[batch, rows]
+    rel_index = shared.rel_index
+    selected = AttentionInputs(None if shared.mask4d is None else shared.mask4d[batch, 0, rows][:, None],  # [B, 1, M, N]
+                               None if rel_index is None else rel_index[rows] if rel_index.dim() == 2
+                               else rel_index[batch, rows],
+                               shared.rel_embeddings)
+    for _ in range(steps):
+        query = run_last_layer(hidden_prev, selected, query)
+    return query[batch_of, slot]
 
 
 class DebertaForMaskedLM(nn.Module):
@@ -105,37 +120,14 @@ class DebertaForMaskedLM(nn.Module):
 
     def enhanced_mask_decoder(self, hidden_prev, shared, position_ids, positions=None):
         """The EMD's output [B, N, D]; with `positions` (flat indices into B*N, as masked_positions gives)
-        only at those positions, [len(positions), D]. That is exact, not an approximation: keys and values
-        come from hidden_prev, and each query row's output depends on its own query only."""
+        only at those positions, [len(positions), D] (see enhanced_mask_decoder below)."""
         encoder = self.deberta.encoder
         last_layer = encoder.layer[-1]
-        B, N = hidden_prev.shape[:2]
-        if position_ids is None:
-            position_ids = torch.arange(N, device=hidden_prev.device)[None]
-        if positions is None:
-            query = self.deberta.embeddings.position_embeddings(position_ids) + hidden_prev
-            for _ in range(self.emd_steps):
-                query = encoder.run_layer(last_layer, hidden_prev, shared, query_states=query)
-            return query
-        # The selected rows of each sequence, left-aligned and padded to the longest: rows [B, M]; slot is
-        # each position's column there. Padding slots read row 0 and their outputs are dropped.
-        batch_of, row_of = positions // N, positions % N
-        counts = torch.bincount(batch_of, minlength=B)
-        M = max(int(counts.max()), 1)
-        slot = torch.arange(len(positions), device=positions.device) - (torch.cumsum(counts, 0) - counts)[batch_of]
-        rows = torch.zeros(B, M, dtype=torch.long, device=positions.device)
-        rows[batch_of, slot] = row_of
-        batch = torch.arange(B, device=positions.device)[:, None]
-        query = self.deberta.embeddings.position_embeddings(position_ids.expand(B, N)[batch, rows]) \
-            + hidden_prev[batch, rows]
-        rel_index = shared.rel_index
-        selected = AttentionInputs(None if shared.mask4d is None else shared.mask4d[batch, 0, rows][:, None],  # [B, 1, M, N]
-                                   None if rel_index is None else rel_index[rows] if rel_index.dim() == 2
-                                   else rel_index[batch, rows],
-                                   shared.rel_embeddings)
-        for _ in range(self.emd_steps):
-            query = encoder.run_layer(last_layer, hidden_prev, selected, query_states=query)
-        return query[batch_of, slot]
+
+        def run_last_layer(hidden, inputs, query):
+            return encoder.run_layer(last_layer, hidden, inputs, query_states=query)
+        return enhanced_mask_decoder(run_last_layer, self.deberta.embeddings.position_embeddings, hidden_prev, shared,
+                                     position_ids, positions, self.emd_steps)
 
     def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
                positions=None):

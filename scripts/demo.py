@@ -100,7 +100,7 @@ def main():
                                      "--workers", "1", "--no-progress"), "preprocess_valid.log")
     step("4. pretrain (ZeRO-3, 2 CPU ranks)",
          [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-          "-m", "pipeline.pretrain", "--config", "configs/pretrain_tiny_cpu.json", "--deepspeed",
+          "-m", "pipeline.cli", "pretrain", "--config", "configs/pretrain_tiny_cpu.json", "--deepspeed",
           "ds_configs/cpu_zero3_fp32.json", "--data-dir", shards, "--valid-data-dir", valid, "--output-dir", run,
           "--set", f"eval_interval={PRETRAIN_STEPS // 4}", "--set", f"max_steps={PRETRAIN_STEPS}", "--set", f"save_interval={PRETRAIN_STEPS // 2}",
           "--set", f"warmup_steps={PRETRAIN_STEPS // 10}", "--set", "log_interval=50"], "pretrain.log")

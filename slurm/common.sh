@@ -44,9 +44,9 @@ setup_python() {
   # (shared) home directory builds each once per cluster, not once per job and node.
   export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}
   # NCCL: a failed or timed-out collective aborts the rank, so the job ends (and can be requeued)
-  # instead of hanging until its time limit. pipeline.launch sets it too; set here for any step.
+  # instead of hanging until its time limit. pipeline/launch/ sets it too; set here for any step.
   export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
-  # OMP_NUM_THREADS is left to pipeline.launch: SLURM_CPUS_PER_TASK divided by the ranks that share
+  # OMP_NUM_THREADS is left to pipeline/launch/: SLURM_CPUS_PER_TASK divided by the ranks that share
   # the task. Cluster-specific NCCL settings (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, NCCL_DEBUG=INFO)
   # belong in the submitting environment: sbatch passes it on.
 }
@@ -62,7 +62,7 @@ setup_python() {
 # What is forwarded: SIGUSR1 (the time-limit warning, `#SBATCH --signal=B:USR1@SECS`, or
 # `scancel --signal=USR1 --batch JOB`) and SIGTERM (preemption, scancel) reach the batch shell; we
 # send SIGUSR1 to every task of the job's steps (`scancel --signal=USR1 JOB` signals the steps,
-# not the batch shell), and pipeline.pretrain finishes its step, saves a checkpoint and exits 75.
+# not the batch shell), and `deberta-ds pretrain` finishes its step, saves a checkpoint and exits 75.
 STOP_SIGNAL=""
 _forward_stop() {
   local sig=$1

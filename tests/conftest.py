@@ -1,9 +1,23 @@
-import os
-import sys
+"""Tests run against the checkout: pytest puts the repository root on sys.path (tests/ is a package), so
+`model`, `pipeline` and `tests.helpers` import from here.
 
-# tests import the project from the checkout, and their helpers (hf_oracle, harnesses) from this folder
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  tests/unit/         in-process (the Triton interpreter checks run one python subprocess each): `make unit`
+  tests/integration/  real launches: torchrun with 2 gloo ranks, mpirun, sbatch on a local Slurm cluster, and a
+                      non-editable install; marked `integration` (`-m "not integration"` leaves them out)
+"""
+import os
+
+import pytest
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# fixtures shared by several modules, each built once per session
+pytest_plugins = ["tests.helpers.data", "tests.helpers.pretrain", "tests.helpers.slurm"]
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        folder = os.path.basename(os.path.dirname(str(item.fspath)))
+        if folder in ("unit", "integration"):
+            item.add_marker(getattr(pytest.mark, folder))

@@ -1,0 +1,135 @@
+"""Reading raw text as a stream of documents: local .txt / .jsonl / .parquet files (globs, gzip) or a
+`datasets` dataset streamed by name. Nothing here holds more than one line or one parquet batch.
+
+Bad input is an error that names the file and line (empty file, invalid UTF-8, a line longer than
+`max_line_bytes`, a jsonl line that is not an object with the text field), never a silent skip.
+"""
+import glob
+import gzip
+import json
+import os
+
+from pipeline.errors import DataError
+
+DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
+TEXT_SUFFIXES = (".txt", ".text")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+
+
+class InputError(DataError):
+    """Bad input data; the message names the file and where in it."""
+
+
+def add_source_arguments(parser):
+    parser.add_argument("--input", nargs="+", default=[], metavar="GLOB",
+                        help="local files or globs: .txt (one document per line), .jsonl, .parquet; "
+                             ".gz compression is read transparently")
+    parser.add_argument("--dataset", default=None,
+                        help="a `datasets` dataset name (or local path) read with streaming=True instead of --input")
+    parser.add_argument("--dataset-config", default=None, help="configuration name of --dataset")
+    parser.add_argument("--dataset-split", default="train", help="split of --dataset (default %(default)s)")
+    parser.add_argument("--text-field", default="text",
+                        help="field/column holding the text in jsonl, parquet and datasets (default %(default)s)")
+    parser.add_argument("--max-line-bytes", type=int, default=DEFAULT_MAX_LINE_BYTES,
+                        help="reject lines (documents) longer than this many bytes (default %(default)s)")
+
+
+def expand_inputs(patterns):
+    """Sorted, de-duplicated list of files matching the globs; an error for a glob that matches nothing."""
+    files = []
+    for pattern in patterns:
+        pattern = str(pattern)
+        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        matches = [m for m in matches if os.path.isfile(m)]
+        if not matches:
+            raise InputError(f"{pattern}: no such file (or the glob matches no file)")
+        files.extend(matches)
+    return sorted(set(files))
+
+
+def _base_suffix(path):
+    name = path[:-3] if path.endswith(".gz") else path
+    return os.path.splitext(name)[1].lower()
+
+
+def _open_binary(path):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def _read_lines(path, max_line_bytes):
+    """(line number, decoded line) for each non-blank line; errors name the file, line and byte offset."""
+    seen_any = False
+    offset = 0
+    with _open_binary(path) as handle:
+        for number, raw in enumerate(iter(lambda: handle.readline(max_line_bytes + 1), b""), start=1):
+            if len(raw.rstrip(b"\r\n")) > max_line_bytes:  # readline stopped at the limit
+                raise InputError(f"{path}:{number} (byte offset {offset}): line longer than "
+                                 f"--max-line-bytes={max_line_bytes}")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise InputError(f"{path}:{number} (byte offset {offset + err.start}): invalid UTF-8") from None
+            offset += len(raw)
+            seen_any = True
+            if line.strip():
+                yield number, line.rstrip("\r\n")
+    if not seen_any:
+        raise InputError(f"{path}: empty file")
+
+
+def _jsonl_texts(path, text_field, max_line_bytes):
+    for number, line in _read_lines(path, max_line_bytes):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise InputError(f"{path}:{number}: expected an object with a string field {text_field!r}")
+        yield record[text_field]
+
+
+def _parquet_texts(path, text_field):
+    import pyarrow.parquet as pq  # pyarrow comes with `datasets`
+
+    parquet = pq.ParquetFile(path)
+    if parquet.metadata.num_rows == 0:
+        raise InputError(f"{path}: empty file")
+    if text_field not in parquet.schema_arrow.names:
+        raise InputError(f"{path}: no column {text_field!r} (columns: {parquet.schema_arrow.names})")
+    for batch in parquet.iter_batches(batch_size=1024, columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            if text:
+                yield text
+
+
+def iter_file_texts(path, text_field="text", max_line_bytes=DEFAULT_MAX_LINE_BYTES):
+    """The documents of one local file, in order."""
+    suffix = _base_suffix(path)
+    if suffix in PARQUET_SUFFIXES:
+        yield from _parquet_texts(path, text_field)
+    elif suffix in JSONL_SUFFIXES:
+        yield from _jsonl_texts(path, text_field, max_line_bytes)
+    else:  # plain text, whatever its suffix: one document per line
+        for _, line in _read_lines(path, max_line_bytes):
+            yield line
+
+
+def iter_dataset_texts(name, config=None, split="train", text_field="text"):
+    """Documents of a `datasets` dataset, streamed (never downloaded whole, never held in memory)."""
+    import datasets
+
+    stream = datasets.load_dataset(name, config, split=split, streaming=True)
+    for number, record in enumerate(stream):
+        text = record.get(text_field)
+        if not isinstance(text, str):
+            raise InputError(f"dataset {name} record {number}: no string field {text_field!r}")
+        if text:
+            yield text
+
+
+def describe_source(args):
+    """A short identity of the input for manifests (so outputs of different inputs are not mixed)."""
+    if args.dataset:
+        return {"dataset": args.dataset, "config": args.dataset_config, "split": args.dataset_split}
+    return {"files": expand_inputs(args.input)}

@@ -1,0 +1,262 @@
+"""What both trainers (pretraining and fine-tuning) share about a run's life: exit codes, the stop flag that
+SIGTERM/SIGUSR1 raise, agreeing across ranks, one run per output directory (RunLock), the deliberate exit,
+and the fault-injection hook of the tests.
+
+Exit codes: 0 done; 1 bad input (one line `error: ...`); 2 usage (argparse); 3 non-finite loss; 75
+checkpointed after SIGTERM/SIGUSR1 (EX_TEMPFAIL: run the same command again to continue; the Slurm scripts
+requeue on it).
+"""
+import datetime
+import json
+import os
+import signal
+import socket
+import sys
+
+from pipeline.errors import RunLockedError
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_USAGE, EXIT_NONFINITE, EXIT_REQUEUE = 0, 1, 2, 3, 75
+FAULT_VARIABLE = "DEBERTA_DS_FAULT"
+LOCK_FILE = "deberta-ds.lock"
+
+
+class StopFlag:
+    """SIGTERM/SIGUSR1 only set a flag: the step in flight finishes, all ranks agree, then the run saves."""
+
+    def __init__(self):
+        self.raised = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, _frame):
+        self.raised = signal.Signals(signum).name
+
+
+# ---------------------------------------------------------------- ranks
+def distributed():
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
+
+
+def any_rank(flag, device="cpu"):
+    """True on every rank if it is True on any (a signal may reach the ranks at different times)."""
+    if not distributed():
+        return bool(flag)
+    import torch
+    import torch.distributed as dist
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def mean_over_ranks(values, device="cpu", group=None):
+    """The mean of a float (or a list of floats) over the ranks of `group`, in float64."""
+    import torch
+    single = not isinstance(values, (list, tuple))
+    tensor = torch.tensor([values] if single else list(values), dtype=torch.float64, device=device)
+    if distributed():
+        import torch.distributed as dist
+        dist.all_reduce(tensor, group=group)
+        tensor /= dist.get_world_size(group)
+    result = tensor.tolist()
+    return result[0] if single else result
+
+
+def raise_on_every_rank(error, source_rank=0):
+    """Rank `source_rank` decided (error: an exception or None); every rank raises it, or none does: a check
+    that only one rank can make (a lock, a file only rank 0 reads) must not leave the others waiting."""
+    if distributed():
+        import torch.distributed as dist
+        shared = [None if error is None else (type(error), str(error))]
+        dist.broadcast_object_list(shared, src=source_rank)
+        if shared[0] is not None:
+            kind, message = shared[0]
+            raise kind(message)
+    elif error is not None:
+        raise error
+
+
+def run_and_finish(main, *args):
+    """main(*args) -> exit code, a user's error (DebertaDSError) as one line `error: ...` and code 1, then
+    finish(code)."""
+    from pipeline.errors import DebertaDSError
+    try:
+        code = main(*args)
+    except DebertaDSError as error:
+        where = f" (rank {os.environ.get('RANK')})" if distributed() and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+        print(f"error{where}: {error}", file=sys.stderr)
+        code = EXIT_BAD_INPUT
+    return finish(code)
+
+
+def finish(code):
+    """Leave deliberately under torch.distributed: a barrier (when all went well), flushed output, the run
+    lock released, then os._exit. torch's gloo teardown at interpreter exit sometimes aborts a finished rank
+    ("terminate called without an active exception"), which would make a good run look failed to the
+    launcher. Without a process group this just returns the code."""
+    try:
+        if distributed() and code in (EXIT_OK, EXIT_REQUEUE):
+            import torch.distributed as dist
+            dist.barrier()
+    finally:
+        RunLock.release_all()
+        if distributed():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return code
+
+
+# ---------------------------------------------------------------- one run per directory
+def _process_start(pid):
+    """The start time of a process (clock ticks since boot, /proc/PID/stat field 22), or None: with the pid it
+    tells a live holder from a new process that was given a dead holder's pid."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """DIR/deberta-ds.lock, created atomically (O_EXCL) by the run that uses DIR, holding its host, pid, process
+    start, Slurm job and command. A second run is refused with the holder's identity. A lock left by a run
+    that is gone is taken over with a message: its holder's pid is dead (or reused) on this host, or the
+    holder was this same Slurm job before a requeue. Released when the run ends; a run killed with SIGKILL
+    leaves it, and the next run on the same host takes it over."""
+
+    held = []
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.path = os.path.join(directory, LOCK_FILE)
+        self.identity = {"host": socket.gethostname(), "pid": os.getpid(), "process_start": _process_start(os.getpid()),
+                         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                         "started": datetime.datetime.now().isoformat(timespec="seconds"),
+                         "command": " ".join(sys.argv)}
+
+    @classmethod
+    def acquire(cls, directory, what="run"):
+        """Take the lock of `directory` (created if needed); returns (lock, message about a takeover or None)."""
+        lock = cls(directory)
+        os.makedirs(directory, exist_ok=True)
+        for _ in range(5):
+            if lock._create():
+                cls.held.append(lock)
+                return lock, None
+            holder = lock._read()
+            if holder is None:
+                continue  # the holder is between creating and writing, or just released it
+            reason = lock._stale(holder)
+            if reason is None:
+                raise RunLockedError(
+                    f"{directory}: in use by another {what} ({describe(holder)}); two runs in one directory would "
+                    f"overwrite each other's checkpoints and metrics. Use another directory, or if that run is gone "
+                    f"(a node that crashed), delete {lock.path}")
+            try:  # only one of several processes taking over can rename the stale lock away
+                os.rename(lock.path, f"{lock.path}.stale.{os.getpid()}")
+            except FileNotFoundError:
+                continue
+            os.unlink(f"{lock.path}.stale.{os.getpid()}")
+            if lock._create():
+                cls.held.append(lock)
+                return lock, f"{directory}: took over the lock of a {what} that is gone ({describe(holder)}: {reason})"
+        raise RunLockedError(f"{lock.path}: could not take the lock (other processes keep taking it)")
+
+    def _create(self):
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(self.identity, f)
+        return True
+
+    def _read(self):
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def _stale(self, holder):
+        """Why the holder is gone, or None if it may still run."""
+        job = os.environ.get("SLURM_JOB_ID")
+        if job and holder.get("slurm_job_id") == job:
+            return "the same Slurm job, requeued"
+        if holder.get("host") != self.identity["host"]:
+            return None
+        pid = holder.get("pid")
+        if not isinstance(pid, int) or not _alive(pid):
+            return "its process has ended"
+        start = holder.get("process_start")
+        if start is not None and _process_start(pid) not in (None, start):
+            return "its process has ended (the pid is now another process's)"
+        return None
+
+    def release(self):
+        if self._read() == self.identity:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        if self in RunLock.held:
+            RunLock.held.remove(self)
+
+    @classmethod
+    def release_all(cls):
+        for lock in list(cls.held):
+            lock.release()
+
+
+def describe(holder):
+    parts = [f"host {holder.get('host')}", f"pid {holder.get('pid')}"]
+    if holder.get("slurm_job_id"):
+        parts.append(f"Slurm job {holder['slurm_job_id']}")
+    parts.append(f"started {holder.get('started')}")
+    return ", ".join(parts)
+
+
+def lock_run_directory(directory, rank, what="run"):
+    """Rank 0 takes the directory's lock and says so when it took over a stale one; every rank stops if the
+    lock is held by another run."""
+    error = None
+    if rank == 0:
+        try:
+            _, message = RunLock.acquire(directory, what)
+            if message:
+                print(message, file=sys.stderr)
+        except RunLockedError as e:
+            error = e
+    raise_on_every_rank(error)
+
+
+# ---------------------------------------------------------------- fault injection (tests)
+def fault_points():
+    """DEBERTA_DS_FAULT, e.g. "kill:4" (SIGKILL every rank after optimizer step 4) or "signal:5,16" (rank 0 sends
+    itself SIGUSR1 after steps 5 and 16): how the tests stop a run at a chosen point."""
+    spec = os.environ.get(FAULT_VARIABLE, "")
+    if not spec:
+        return None, ()
+    kind, _, steps = spec.partition(":")
+    return kind, {int(s) for s in steps.split(",") if s.strip()}
+
+
+def inject_fault(step, rank):
+    kind, steps = fault_points()
+    if step not in steps:
+        return
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "signal" and rank == 0:
+        os.kill(os.getpid(), signal.SIGUSR1)

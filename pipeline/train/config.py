@@ -1,0 +1,121 @@
+"""A pretraining run as declarative data: one JSON run config (model, data, schedule, checkpoints), given by
+path or by the name of a shipped one (`xxlarge`: configs/pretrain_xxlarge.json), with command-line overrides
+(`--set key=value`, dotted keys into model_overrides). Every setting is typed and checked before anything
+starts: an unknown key is refused naming the closest known one, a value of the wrong type or out of range
+names the setting.
+
+Each setting has one home. Batch sizes live here and are written into the DeepSpeed config (pipeline/
+ds_config.py); precision, gradient clipping and ZeRO settings live in the DeepSpeed config.
+"""
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+from model.config import PRESETS, DebertaConfig
+from pipeline.errors import ConfigError
+from pipeline.settings import apply_overrides, build_dataclass, closest, config_file, read_json
+
+MODES = ("zero3", "pipeline")
+OPTIMIZERS = ("adamw", "cpu_adam")
+
+
+@dataclass
+class RunConfig:
+    # model: a preset name plus overrides of its fields (model/config.py PRESETS)
+    model: str = "xxlarge"
+    model_overrides: dict = field(default_factory=dict)
+    emd: bool = True  # Enhanced Mask Decoder (the paper's pretraining head)
+    # engine
+    mode: str = "zero3"  # "zero3": DeepSpeedEngine with ZeRO (stage from the DS config); "pipeline": PipelineModule + ZeRO-0/1
+    pipeline_stages: int = 1
+    activation_checkpointing: bool = False
+    # ZeRO-3: gather each encoder layer's parameters as one group (a DeepSpeed leaf module), so ZeRO-3's hooks
+    # run once per layer rather than once per Linear and LayerNorm (pipeline/train/zero3.py, leaf_layers)
+    zero3_leaf_layers: bool = True
+    # data
+    data_dir: str = ""
+    tokenizer: str = ""  # spm.model; default: <data_dir>/spm.model
+    seed: int = 1234
+    # batch (the paper: global batch 2k of 512-token sequences)
+    global_batch_size: int = 2048
+    micro_batch_size: int = 8
+    # optimizer: AdamW, no weight decay on biases and LayerNorm weights (pipeline/optim.py)
+    lr: float = 1.5e-4
+    warmup_steps: int = 10_000
+    max_steps: int = 1_000_000
+    weight_decay: float = 0.01
+    adam_betas: Tuple[float, ...] = (0.9, 0.999)
+    adam_eps: float = 1e-6
+    optimizer: str = "adamw"  # "adamw" (torch; fused on CUDA) or "cpu_adam" (DeepSpeedCPUAdam, for optimizer offload)
+    # checkpoints
+    output_dir: str = ""
+    save_interval: int = 1000  # steps; also on SIGTERM/SIGUSR1
+    keep_last: int = 3
+    init_from_release: str = ""  # start from a release directory (transformers layout) instead of random weights
+    # held-out evaluation (pipeline/train/evaluate.py): every eval_interval steps and at the last step, the MLM
+    # loss over the first eval_steps global batches of valid_data_dir, the same samples and masks each time
+    valid_data_dir: str = ""  # shards from `deberta-ds preprocess` with the training tokenizer; "": none
+    eval_interval: int = 1000
+    eval_steps: int = 10
+    # logging
+    log_interval: int = 10
+    peak_tflops: Optional[float] = None  # per device, for the MFU estimate; None: a guess from the device name
+    # robustness
+    max_nonfinite_steps: int = 20  # fp16: stop after this many skipped (non-finite) steps in a row
+
+    def model_config(self) -> DebertaConfig:
+        return model_config_of(self.model, self.model_overrides)
+
+    @classmethod
+    def from_file(cls, name_or_path, overrides=()):
+        path = config_file(name_or_path, "run")
+        values = apply_overrides(read_json(path, "run config"), overrides)
+        run = build_dataclass(cls, values, path)
+        run.validate(path)
+        return run
+
+    def validate(self, source="run config"):
+        """Every setting in range, and the model config valid: a ConfigError naming the setting otherwise."""
+        if self.mode not in MODES:
+            raise ConfigError(f"{source}: mode {self.mode!r} is not one of {MODES}")
+        if self.mode == "zero3" and self.pipeline_stages != 1:
+            raise ConfigError(f"{source}: pipeline_stages={self.pipeline_stages} needs mode 'pipeline'")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"{source}: optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
+        for name in ("global_batch_size", "micro_batch_size", "max_steps", "save_interval", "keep_last",
+                     "log_interval", "pipeline_stages", "eval_interval", "eval_steps", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{source}: {name} must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "warmup_steps", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{source}: {name} must not be negative, got {getattr(self, name)}")
+        if not (len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas)):
+            raise ConfigError(f"{source}: adam_betas must be two numbers in [0, 1), got {list(self.adam_betas)}")
+        if self.adam_eps <= 0:
+            raise ConfigError(f"{source}: adam_eps must be positive, got {self.adam_eps}")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ConfigError(f"{source}: peak_tflops must be positive, got {self.peak_tflops}")
+        try:
+            self.model_config()
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def tokenizer_path(self):
+        return self.tokenizer or os.path.join(self.data_dir, "spm.model")
+
+
+def model_config_of(preset_name, overrides):
+    """The DeBERTa config of a preset with overrides, every override a known field of the right type."""
+    if preset_name not in PRESETS:
+        raise ConfigError(f"model: unknown preset {preset_name!r}; choose one of {sorted(PRESETS)}"
+                          f"{closest(preset_name, PRESETS)}")
+    try:
+        return build_dataclass(DebertaConfig, dict(PRESETS[preset_name], **overrides), "model_overrides")
+    except ConfigError:
+        raise
+    except ValueError as e:  # DebertaConfig.validate: sizes that do not fit together
+        raise ConfigError(f"model: {e}") from None

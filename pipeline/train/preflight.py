@@ -1,0 +1,70 @@
+"""Everything `deberta-ds pretrain` can check before DeepSpeed starts: the run config, the DeepSpeed config
+completed for the world size, the data and tokenizer directories. `deberta-ds pretrain --check-only --nodes N
+--ranks-per-node R ...` runs the same checks for a job of N x R ranks and exits (slurm/pretrain.sbatch does,
+in the batch shell, so that a bad job fails in seconds with one line before any rank starts).
+"""
+import json
+import os
+
+from pipeline.ds_config import batch_fields, complete_ds_config, load_ds_config, offloads_optimizer
+from pipeline.errors import ConfigError, DataError
+from pipeline.train.config import RunConfig
+from pipeline.train.engine import stepper_class
+
+
+def run_overrides(args):
+    """--set items, then the named options (--data-dir, ...), which win."""
+    overrides = list(args.set)
+    for option, key in (("data_dir", "data_dir"), ("output_dir", "output_dir"), ("valid_data_dir", "valid_data_dir")):
+        value = getattr(args, option, None)
+        if value:
+            overrides.append(f"{key}={json.dumps(value)}")
+    return overrides
+
+
+def dp_size_of(run, world_size):
+    if world_size % run.pipeline_stages:
+        raise ConfigError(f"world size {world_size} is not divisible by pipeline_stages {run.pipeline_stages}: every "
+                          f"pipeline needs {run.pipeline_stages} ranks")
+    return world_size // run.pipeline_stages
+
+
+def complete_for_run(run, ds, dp_size, source):
+    """The DeepSpeed config of this run: batch sizes from the run config, the mode's own checks."""
+    ds = complete_ds_config(ds, batch_fields(run.global_batch_size, run.micro_batch_size, dp_size), source,
+                            "the run config")
+    if offloads_optimizer(ds) and run.optimizer != "cpu_adam":
+        raise ConfigError(f"{source}: offload_optimizer to CPU needs optimizer 'cpu_adam' in the run config "
+                          f"(DeepSpeedCPUAdam), got {run.optimizer!r}")
+    return stepper_class(run.mode).prepare_ds_config(run, ds, source)
+
+
+def prepare(args, world_size):
+    """(run config, completed DeepSpeed config), or a DebertaDSError naming what is wrong."""
+    run = RunConfig.from_file(args.config, run_overrides(args))
+    if not run.output_dir:
+        raise ConfigError("no output directory: give --output-dir or output_dir in the run config")
+    if not run.data_dir or not os.path.isdir(run.data_dir):
+        raise DataError(f"data directory {run.data_dir!r} does not exist (give --data-dir)")
+    if run.valid_data_dir and not os.path.isdir(run.valid_data_dir):
+        raise DataError(f"validation directory {run.valid_data_dir!r} does not exist")
+    if not os.path.exists(run.tokenizer_path()):
+        raise DataError(f"{run.tokenizer_path()}: no tokenizer (the shard directory carries spm.model; or set tokenizer)")
+    if run.init_from_release and not os.path.isdir(run.init_from_release):
+        raise ConfigError(f"init_from_release {run.init_from_release!r}: no such release directory")
+    ds, source = load_ds_config(args.deepspeed, args.ds)
+    return run, complete_for_run(run, ds, dp_size_of(run, world_size), source)
+
+
+def check_job(args):
+    """--check-only: the checks of `prepare` for a world of nodes x ranks per node."""
+    world = args.nodes * args.ranks_per_node
+    stages = RunConfig.from_file(args.config, run_overrides(args)).pipeline_stages
+    if world % stages:
+        raise ConfigError(f"{args.nodes} node(s) x {args.ranks_per_node} rank(s) per node = {world} ranks, which is not "
+                          f"divisible by pipeline_stages {stages}: every pipeline needs {stages} ranks. Use a node count "
+                          f"whose rank total is a multiple of {stages} (sbatch --nodes=...), or change pipeline_stages.")
+    run, _ = prepare(args, world)
+    print(f"preflight ok: {world} ranks ({args.nodes} x {args.ranks_per_node}), pipeline_stages "
+          f"{run.pipeline_stages}, data {run.data_dir}")
+    return 0

@@ -1,0 +1,149 @@
+"""`deberta-ds finetune` / `deberta-ds predict` end to end on a tiny random model and a learnable synthetic
+CB-like task (the label is given by a keyword in the hypothesis), under single-process DeepSpeed with
+SiFT on; plus the settings, schedule, batching and MNLI-initialisation helpers, and bad input.
+
+DeepSpeed runs in a subprocess (`python -m pipeline.cli finetune ...`) so that its process group does
+not leak into pytest; with OMP_NUM_THREADS=1, because two threads on a shared 2-core machine made the
+tiny run about 20 times slower."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model import DebertaForMaskedLM, preset
+from pipeline.release import load_release, save_release
+from pipeline.finetune import tasks as sg
+from pipeline.finetune.features import collate
+from pipeline.launch.env import free_port
+from pipeline.data.tokenizer import Tokenizer
+from tests.helpers.finetune import write_cb_like
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures", "superglue")
+def subprocess_env():
+    env = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RANK="0",
+               WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    return env
+
+
+def cli(*argv, timeout=120):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *argv], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_release(tmp_path_factory, spm_path):  # noqa: F811
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("release") / "tiny")
+    save_release(DebertaForMaskedLM(preset("tiny", vocab_size=640)), path, spm_path=spm_path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cb_data(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("superglue"))
+    write_cb_like(os.path.join(root, "CB", "train.jsonl"), 64, seed=1)
+    write_cb_like(os.path.join(root, "CB", "val.jsonl"), 32, seed=2)
+    write_cb_like(os.path.join(root, "CB", "test.jsonl"), 12, seed=3, labelled=False)
+    return root
+
+
+TRAIN_OPTIONS = ["--deepspeed", "ds_configs/finetune_cpu.json", "--lr", "3e-3", "--batch-size", "8",
+                 "--epochs", "4", "--warmup-steps", "2", "--cls-drop-out", "0", "--max-seq-len", "32"]
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, tiny_release, cb_data):
+    out = str(tmp_path_factory.mktemp("finetune"))
+    result = cli("finetune", "--task", "CB", "--release", tiny_release, "--data-dir", cb_data, "--output-dir", out,
+                 *TRAIN_OPTIONS, "--sift", "on", "--sift-lambda", "1.0")
+    return out, result
+
+
+# ---------------------------------------------------------------- end to end
+def test_finetune_with_sift_learns_the_task_and_keeps_the_best(finetuned):
+    out, result = finetuned
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["settings"]["sift"]["enabled"] and metrics["settings"]["sift"]["vat_lambda"] == 1.0
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3, 4]
+    assert all(e["adv_loss"] is not None and e["adv_loss"] >= 0 for e in metrics["epochs"])
+    best = max(metrics["epochs"], key=lambda e: e["val"]["score"])
+    assert metrics["best"]["epoch"] == best["epoch"]
+    assert metrics["best"]["val"]["accuracy"] >= 0.9, metrics["epochs"]
+    assert "| epoch | step | train_loss" in result.stdout and "best: epoch" in result.stdout
+    assert not [n for n in os.listdir(out) if n.startswith(".")]        # no temporary leftovers
+
+
+def test_best_release_loads_in_transformers_with_the_same_logits(finetuned, cb_data, spm_path):  # noqa: F811
+    import transformers
+
+    best = os.path.join(finetuned[0], "best")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(best).eval()
+    ours = load_release(best, task="classification", num_labels=3)
+    assert hf.config.num_labels == 3 and hf.config.cls_dropout == 0.0
+    task = sg.get_task("CB")
+    examples = task.load("val", cb_data)
+    batch = collate(task.build_features(examples, Tokenizer(spm_path), 32)[:8])
+    with torch.no_grad():
+        hf_logits = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        our_logits = ours(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(hf_logits, our_logits, atol=1e-5)
+
+
+def test_predict_writes_the_submission_with_official_labels(finetuned, cb_data, tmp_path):
+    best = os.path.join(finetuned[0], "best")
+    result = cli("predict", "--task", "CB", "--model", best, "--data-dir", cb_data, "--output-dir", str(tmp_path),
+                 "--max-seq-len", "32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in open(tmp_path / "CB.jsonl")]
+    assert [line["idx"] for line in lines] == list(range(12))
+    assert {line["label"] for line in lines} <= set(sg.MNLI_LABELS)
+    # the same model's val predictions score like the training run's evaluation, in their own folder
+    result = cli("predict", "--task", "CB", "--model", best, "--data-dir", cb_data, "--output-dir", str(tmp_path),
+                 "--max-seq-len", "32", "--split", "val")
+    assert result.returncode == 0 and (tmp_path / "val" / "CB.jsonl").exists()
+    scores = json.loads(result.stdout.split("scores: ")[1])
+    assert scores["accuracy"] >= 0.9
+
+
+# ---------------------------------------------------------------- bad input: one line, exit code 1
+def one_line_error(result, *fragments):
+    assert result.returncode == 1, result.stderr[-2000:]
+    error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0]
+
+
+def test_unknown_label_is_a_one_line_error(tiny_release, cb_data, tmp_path):
+    bad = tmp_path / "data"
+    os.makedirs(bad / "CB")
+    for split in ("train", "val"):
+        lines = open(os.path.join(cb_data, "CB", f"{split}.jsonl")).read().splitlines()
+        if split == "train":
+            lines[2] = lines[2].replace('"label": "neutral"', '"label": "maybe"').replace(
+                '"label": "entailment"', '"label": "maybe"').replace('"label": "contradiction"', '"label": "maybe"')
+        (bad / "CB" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    result = cli("finetune", "--task", "CB", "--release", tiny_release, "--data-dir", str(bad),
+                 "--output-dir", str(tmp_path / "out"), *TRAIN_OPTIONS)
+    one_line_error(result, "train.jsonl:3", "'maybe'")
+
+
+def test_missing_split_is_a_one_line_error(tiny_release, tmp_path):
+    write_cb_like(str(tmp_path / "CB" / "train.jsonl"), 4, seed=1)
+    result = cli("finetune", "--task", "CB", "--release", tiny_release, "--data-dir", str(tmp_path),
+                 "--output-dir", str(tmp_path / "out"), *TRAIN_OPTIONS)
+    one_line_error(result, "val split not found")
+
+
+def test_a_head_for_another_task_is_a_one_line_error(finetuned, tmp_path):
+    best = os.path.join(finetuned[0], "best")          # a 3-label CB model
+    result = cli("predict", "--task", "AX-b", "--model", best, "--data-dir", FIXTURES, "--output-dir", str(tmp_path))
+    one_line_error(result, "fine-tuned for CB, not RTE (the model that predicts AX-b)")
+    result = cli("finetune", "--task", "RTE", "--release", best, "--data-dir", FIXTURES,
+                 "--output-dir", str(tmp_path / "out"), *TRAIN_OPTIONS)
+    one_line_error(result, "classifier.weight", "(3, 64)", "(2, 64)")

@@ -1,0 +1,98 @@
+"""The engine interface in process (one rank, gloo): both modes' steppers give the same methods, the same first
+loss from the same release, a checkpoint round trip that repeats a step bitwise, and pipeline mode's layer files
+map onto the release layout."""
+import os
+
+import pytest
+import torch
+
+from model import DebertaForMaskedLM, preset
+from model import state_dict_adapter as keys
+from pipeline.data.mlm_loader import build_pretrain_loader
+from pipeline.ds_config import load_ds_config
+from pipeline.launch.env import free_port
+from pipeline.release import save_release
+from pipeline.release.write import mlm_layout
+from pipeline.train import checkpoint
+from pipeline.train.config import RunConfig
+from pipeline.train.engine import build_stepper
+from pipeline.train.stepper import Stepper
+from pipeline.train.preflight import complete_for_run
+
+OVERRIDES = {"vocab_size": 700, "max_position_embeddings": 64, "hidden_dropout_prob": 0.0,
+             "attention_probs_dropout_prob": 0.0}
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """A one-rank process group for this module, removed afterwards (other tests must not see one)."""
+    import deepspeed
+    import torch.distributed as dist
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    yield
+    dist.destroy_process_group()
+    for key, value in saved.items():
+        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory, data_env):
+    torch.manual_seed(3)
+    path = str(tmp_path_factory.mktemp("engine") / "release")
+    save_release(DebertaForMaskedLM(preset("tiny", **OVERRIDES)), path, spm_path=data_env["spm"])
+    return path
+
+
+def stepper_for(mode, release, ds_name):
+    run = RunConfig(model="tiny", model_overrides=OVERRIDES, mode=mode, global_batch_size=8, micro_batch_size=4,
+                    warmup_steps=1, max_steps=10, lr=1e-3, init_from_release=release)
+    ds = complete_for_run(run, load_ds_config(ds_name)[0], 1, ds_name)
+    return run, build_stepper(run, ds, run.model_config(), rank=0)
+
+
+def loader(data_env, stepper, consumed=0):
+    return build_pretrain_loader(data_env["shards"], data_env["spm"], 4, stepper.dp_rank, stepper.dp_size, 1234,
+                                 consumed_samples=consumed)
+
+
+def test_both_modes_give_the_interface_and_the_same_first_loss(process_group, release, data_env):
+    results = {}
+    for mode, ds_name in (("zero3", "cpu_zero3_fp32"), ("pipeline", "cpu_pipeline_fp32")):
+        _, stepper = stepper_for(mode, release, ds_name)
+        assert isinstance(stepper, Stepper) and stepper.mode == mode
+        assert (stepper.dp_rank, stepper.dp_size) == (0, 1)
+        evaluation = stepper.eval_loss(stepper.batches(loader(data_env, stepper)), 1)
+        step = stepper.train_step(stepper.batches(loader(data_env, stepper)))
+        assert set(step) == {"loss", "mlm_accuracy"} and set(evaluation) == {"val_loss", "val_mlm_accuracy"}
+        assert stepper.lr > 0 and stepper.skipped_steps == 0 and stepper.grad_norm > 0
+        results[mode] = (evaluation["val_loss"], step["loss"])
+    # the same weights, batches and loss in both modes: zero3 runs the model, pipeline mode its blocks
+    assert results["zero3"][0] == pytest.approx(results["pipeline"][0], abs=1e-6)
+    assert results["zero3"][1] == pytest.approx(results["pipeline"][1], abs=1e-6)
+
+
+def test_a_checkpoint_round_trip_repeats_the_next_step_bitwise(process_group, release, data_env, tmp_path):
+    run, stepper = stepper_for("zero3", release, "cpu_zero3_fp32")
+    batches = stepper.batches(loader(data_env, stepper))
+    stepper.train_step(batches)
+    meta = {"model_config": run.model_config().to_dict(), "mode": "zero3", "pipeline_stages": 1, "dp_size": 1}
+    checkpoint.save(stepper, str(tmp_path), 1, {"data": {"consumed_samples": 8}}, meta, keep_last=2, rank=0)
+    second = stepper.train_step(batches)["loss"]
+    tag, saved = checkpoint.latest(str(tmp_path))
+    assert tag == "global_step1" and saved["step"] == 1
+    state = checkpoint.load(stepper, str(tmp_path), tag, rank=0)
+    assert state["step"] == 1 and state["data"]["consumed_samples"] == 8
+    again = stepper.train_step(stepper.batches(loader(data_env, stepper, consumed=8)))["loss"]
+    assert again == second
+
+
+def test_pipeline_layer_files_are_the_release_layout(process_group):
+    from pipeline.train.pipeline_parallel import build_pipeline_module
+    config = preset("tiny", **OVERRIDES)
+    module = build_pipeline_module(config, 1)
+    maps = keys.pipeline_layer_keys(config)
+    mapped = {name: keys.from_pipeline(name, maps) for name in module.state_dict()}
+    assert None not in mapped.values()
+    assert set(mapped.values()) == {k for k, _ in mlm_layout(config, emd=True)}

@@ -1,0 +1,71 @@
+"""The run config of pretraining (pipeline/train/config.py) and what `deberta-ds pretrain` checks before DeepSpeed
+starts (pipeline/train/preflight.py), in process."""
+import argparse
+import json
+
+import pytest
+
+from pipeline.errors import ConfigError, DataError
+from pipeline.train import pretrain
+from pipeline.train.config import RunConfig
+from pipeline.train.preflight import dp_size_of, prepare
+
+
+def args_of(*argv):
+    parser = argparse.ArgumentParser()
+    pretrain.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_shipped_configs_load_by_name_with_overrides():
+    run = RunConfig.from_file("tiny_cpu", ["lr=1e-3", "model_overrides.num_hidden_layers=3", "mode=pipeline",
+                                           "pipeline_stages=2"])
+    assert run.lr == 1e-3 and run.model_config().num_hidden_layers == 3 and run.mode == "pipeline"
+    assert run.model_config().vocab_size == 1100   # the file's own model_overrides stay
+    xxl = RunConfig.from_file("xxlarge").model_config()
+    assert (xxl.hidden_size, xxl.num_hidden_layers, xxl.vocab_size) == (1536, 48, 128100)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("max_steps=abc", 'max_steps: expected an integer, got "abc"'),
+    ("max_steps=1.5", "max_steps: expected an integer, got 1.5"),
+    ("lr=abc", 'lr: expected a number, got "abc"'),
+    ("modell=tiny", "unknown setting 'modell' (did you mean 'model'?)"),
+    ("model_overrides.hiden_size=32", "model_overrides: unknown setting 'hiden_size' (did you mean 'hidden_size'?)"),
+    ("model_overrides.num_hidden_layers=two", 'model_overrides: num_hidden_layers: expected an integer, got "two"'),
+    ("model_overrides.hidden_size=63", "hidden_size 63 is not divisible by num_attention_heads 4"),
+    ("model=huge", "model: unknown preset 'huge'"),
+    ("mode=tensor", "mode 'tensor' is not one of ('zero3', 'pipeline')"),
+    ("pipeline_stages=2", "pipeline_stages=2 needs mode 'pipeline'"),
+    ("save_interval=0", "save_interval must be at least 1, got 0"),
+    ("lr=-1", "lr must not be negative, got -1.0"),
+    ("adam_betas=[0.9]", "adam_betas must be two numbers in [0, 1)"),
+    ("optimizer=sgd", "optimizer 'sgd' is not one of"),
+])
+def test_bad_settings_are_refused_naming_the_setting(override, message):
+    with pytest.raises(ConfigError) as error:
+        RunConfig.from_file("tiny_cpu", [override])
+    assert message in str(error.value)
+    assert "pretrain_tiny_cpu.json" in str(error.value)
+
+
+def test_preflight_checks_data_tokenizer_world_and_batch(tmp_path, data_env):
+    shards = data_env["shards"]
+    ok = args_of("--config", "tiny_cpu", "--deepspeed", "cpu_zero3_fp32", "--data-dir", shards,
+                 "--output-dir", str(tmp_path / "run"))
+    run, ds = prepare(ok, world_size=2)
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 1
+    assert run.data_dir == shards and run.tokenizer_path().endswith("spm.model")
+    with pytest.raises(DataError, match="does not exist"):
+        prepare(args_of("--config", "tiny_cpu", "--deepspeed", "cpu_zero3_fp32", "--data-dir", str(tmp_path / "x"),
+                        "--output-dir", str(tmp_path / "run")), 1)
+    with pytest.raises(ConfigError, match="global_batch_size 8 is not a multiple of micro_batch_size 4 x data-parallel size 3"):
+        prepare(ok, world_size=3)
+    with pytest.raises(ConfigError, match="no output directory"):
+        prepare(args_of("--config", "tiny_cpu", "--deepspeed", "cpu_zero3_fp32", "--data-dir", shards), 1)
+    with pytest.raises(ConfigError, match="world size 3 is not divisible by pipeline_stages 2"):
+        dp_size_of(RunConfig(mode="pipeline", pipeline_stages=2), 3)
+    release = args_of("--config", "tiny_cpu", "--deepspeed", "cpu_zero3_fp32", "--data-dir", shards, "--output-dir",
+                      str(tmp_path / "run"), "--set", f"init_from_release={json.dumps(str(tmp_path / 'none'))}")
+    with pytest.raises(ConfigError, match="init_from_release .*: no such release directory"):
+        prepare(release, 1)
