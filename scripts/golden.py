@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -52,6 +53,7 @@ def file_sha256(path):
 def pipeline_run(demo_out):
     """A 2-stage pipeline run of the demo's model on the demo's shards (deterministic: no dropout)."""
     out = os.path.join(demo_out, "pipeline_run")
+    shutil.rmtree(out, ignore_errors=True)  # a run directory left from before would be resumed, not rerun
     env = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
            "-m", "pipeline.cli", "pretrain", "--config", "configs/pretrain_tiny_cpu.json",

@@ -28,8 +28,9 @@ from torch import nn
 
 from model import state_dict_adapter as keys
 from model.attention import attention_mask_4d, relative_position_index
-from model.encoder import ConvLayer, Embeddings, Layer, relative_table
-from model.heads import IGNORE_INDEX, decode_logits, lm_transform
+from model.encoder import AttentionInputs, ConvLayer, Embeddings, Layer, relative_table
+from model.fast.memory import FloatCrossEntropy
+from model.heads import decode_logits, enhanced_mask_decoder, lm_transform, masked_positions
 from model.layers import Embedding, Linear, activation
 from pipeline.ds_config import zero_stage
 from pipeline.errors import ConfigError
@@ -104,12 +105,12 @@ class Block(nn.Module):
         n = attention_mask.shape[1]
         rel_index = relative_position_index(n, n, self.config, attention_mask.device) \
             if self.config.relative_attention else None
-        return attention_mask_4d(attention_mask), rel_index, rel if self.config.relative_attention else None
+        return AttentionInputs(attention_mask_4d(attention_mask), rel_index,
+                               rel if self.config.relative_attention else None)
 
     def forward(self, inputs):
         hidden, attention_mask, labels, rel = inputs
-        mask4d, rel_index, rel_emb = self.attention_inputs(attention_mask, rel)
-        return self.layer(hidden, mask4d, rel_index, rel_emb), attention_mask, labels, rel
+        return self.layer(hidden, *self.attention_inputs(attention_mask, rel)), attention_mask, labels, rel
 
 
 class FirstBlock(Block):
@@ -130,8 +131,9 @@ class FirstBlock(Block):
 
 
 class LastBlock(Block):
-    """The last encoder layer as the Enhanced Mask Decoder, then the LM head's transform, at the
-    masked positions only. Outputs (transformed hidden [M, E], targets [M], decoder bias)."""
+    """The last encoder layer as the model's own Enhanced Mask Decoder (model/heads.py), then the LM head's
+    transform, both at the masked positions only, as in mode zero3. Outputs (transformed hidden [M, E],
+    targets [M], decoder bias). The parameters keep LMHead's names (dense, LayerNorm, bias)."""
 
     def __init__(self, config, emd_steps=2):
         super().__init__(config)
@@ -146,23 +148,23 @@ class LastBlock(Block):
 
     def forward(self, inputs):
         hidden, attention_mask, labels, rel = inputs
-        mask4d, rel_index, rel_emb = self.attention_inputs(attention_mask, rel)
+        shared = self.attention_inputs(attention_mask, rel)
+        index, targets = masked_positions(labels)
         if self.emd_steps:
-            positions = torch.arange(hidden.shape[1], device=hidden.device)
-            query = self.position_embeddings(positions)[None] + hidden
-            for _ in range(self.emd_steps):
-                query = self.layer(hidden, mask4d, rel_index, rel_emb, query_states=query)
+            def run_last_layer(keys_values, inputs, query):
+                return self.layer(keys_values, *inputs, query_states=query)
+            selected = enhanced_mask_decoder(run_last_layer, self.position_embeddings, hidden, shared, None, index,
+                                             self.emd_steps)
         else:
-            query = self.layer(hidden, mask4d, rel_index, rel_emb)
-        flat_labels = labels.reshape(-1)
-        index = torch.nonzero(flat_labels != IGNORE_INDEX, as_tuple=True)[0]
-        selected = query.reshape(-1, query.shape[-1])[index]
-        return lm_transform(self, selected), flat_labels[index], self.bias
+            out = self.layer(hidden, *shared)
+            selected = out.reshape(-1, out.shape[-1])[index]
+        return lm_transform(self, selected), targets, self.bias
 
 
 def mlm_loss(outputs, _labels):
+    """The MLM loss of mode zero3 (DebertaForMaskedLM's): mean cross-entropy in fp32 at the masked positions."""
     logits, targets = outputs
-    return F.cross_entropy(logits.float(), targets)
+    return FloatCrossEntropy.apply(logits, targets)
 
 
 def build_pipeline_module(config, num_stages, emd=True, activation_checkpointing=False, seed=None):
