@@ -198,16 +198,6 @@ def release_labels(task):
     return values
 
 
-# ---------------------------------------------------------------- optimisation
-def linear_schedule(warmup_steps, total_steps):
-    """LR factor: linear 0 -> 1 over the warmup, then linear 1 -> 0 at the last step."""
-    def factor(step):
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    return factor
-
-
 # ---------------------------------------------------------------- data
 def epoch_micro_batches(num_features, settings, epoch, rank, world_size):
     """This rank's micro-batches (feature index lists) of one epoch.
@@ -306,7 +296,7 @@ def finetune(args):
     from pipeline.io import atomic_json, make_dirs
     from pipeline.launch.env import discover_env
     from pipeline.lifecycle import EXIT_OK, EXIT_REQUEUE, StopFlag, any_rank, inject_fault, lock_run_directory, mean_over_ranks
-    from pipeline.optim import param_groups
+    from pipeline.optim import build_optimizer, lr_schedule
 
     task = get_task(args.task)
     env = discover_env()
@@ -342,12 +332,10 @@ def finetune(args):
     lock_run_directory(args.output_dir, rank, "fine-tuning run")
     steps_per_epoch = math.ceil(len(train_features) / settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs
-    optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr,
-                                  betas=tuple(settings.adam_betas), eps=settings.adam_eps)
-    schedule = linear_schedule(settings.warmup_steps, total_steps)
+    optimizer = build_optimizer(model, settings.lr, settings.adam_betas, settings.adam_eps, settings.weight_decay)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        lr_scheduler=lambda opt: lr_schedule(opt, settings.warmup_steps, total_steps))
     lambda_ = sift_settings.vat_lambda if sift_settings.enabled else 0.0
     sift = SiFT(engine.module, lambda_=lambda_, init=sift_settings.vat_init_perturbation,
                 step=sift_settings.vat_learning_rate, ascent_loss=sift_settings.vat_loss_fn)

@@ -1,7 +1,6 @@
 """`deberta-ds convert` on real training checkpoints: 2-rank ZeRO-3 and 2-stage pipeline runs of the tiny model
 (torchrun, gloo), DeepSpeed's own universal conversion, and releases started from with init_from_release.
 transformers is the oracle for the releases; DeepSpeed's zero_to_fp32 for the ZeRO-3 weights."""
-import argparse
 import json
 import os
 import shutil

@@ -10,7 +10,7 @@ from pipeline.errors import ConfigError
 from pipeline.finetune import finetune
 from pipeline.finetune import tasks as sg
 from pipeline.finetune.config import FinetuneConfig, SiFTSettings, load_preset
-from pipeline.optim import param_groups
+from pipeline.optim import param_groups, warmup_linear_decay
 from pipeline.release import save_release
 
 
@@ -50,12 +50,14 @@ def test_sift_auto_follows_the_preset_only_for_the_1p5b_model():
     assert not finetune.resolve_sift(settings_with_sift(True, "off"), preset("xxlarge")).enabled
 
 
-def test_linear_warmup_then_linear_decay():
-    factor = finetune.linear_schedule(warmup_steps=4, total_steps=12)
-    values = [factor(step) for step in range(13)]
-    assert values[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8]) and values[4] == 1.0
-    assert values[8] == pytest.approx(0.5) and values[12] == 0.0
-    assert all(a >= b for a, b in zip(values[4:], values[5:]))
+def test_one_schedule_for_both_trainers_peaks_at_the_last_warmup_update_and_never_wastes_one():
+    factor = warmup_linear_decay(warmup_steps=4, total_steps=12)
+    values = [factor(step) for step in range(13)]    # step: optimizer steps taken before this update
+    assert values[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])   # update 4 = the last warmup one: the peak
+    assert values[4] == 1.0 and values[8] == pytest.approx(0.5)
+    assert values[11] == pytest.approx(1 / 8) and values[12] == 0.0  # the last (12th) update still moves
+    assert all(a >= b for a, b in zip(values[3:], values[4:]))
+    assert warmup_linear_decay(0, 4)(0) == 1.0
 
 
 def test_every_rank_gets_the_same_number_of_micro_batches_covering_the_data():
