@@ -27,9 +27,9 @@ from torch's CPU generator, so torch.manual_seed and activation checkpointing's 
 `keep_mask` writes the mask a forward used, for the tests.
 
 Used when triton imports, the tensors are on CUDA (or TRITON_INTERPRET=1: the tests run it on the CPU),
-the index is square and the head size is a power of two from 16 to 256; otherwise "fused" takes the sdpa
-path on CUDA and the reference path elsewhere. Checked on the CPU in Triton's interpreter against the
-reference path (tests/test_fused_attention.py); not yet timed on a GPU (bench/gpu_checks.sh part 6).
+the index is square and the head size is a power of two from 16 to 256; otherwise "fused" takes the path
+"auto" gives (attention_paths.py). Checked on the CPU in Triton's interpreter against plain torch and the
+math path (tests/unit/test_fused_attention.py).
 """
 import torch
 

@@ -1,11 +1,10 @@
 """c2p + p2c for a square relative index on CUDA, through two Triton kernels (RelativeBias's GPU path).
 
-The terms are the same as RelativeBias's (model/attention.py): for each block of R query rows, one
+The terms are the same as RelativeBias's (relative_bias.py): for each block of R query rows, one
 matmul of the block's rows of q (c2p) or k (p2c) against the N + R table rows of the distances the
 block reads, and the [R, N] term read from that product along a skew. On the CPU that skew is a strided
 view (skew_view) copied or added block by block; on a GPU those strided copies, the transposed copy of
-p2c and their mirror images in backward ran at under half the memory bandwidth and took about 2.6 ms
-of each 1.5B layer at batch 16 x 512 (a quarter of a training step on an H200). Here:
+p2c and their mirror images in backward run at a fraction of the memory bandwidth. Here:
 
 - forward: all blocks' products in one batched matmul ([H, NB, B·R, N+R], the table windows as one
   strided view), then one kernel reads both terms along their skews and writes c2p + p2cᵀ; p2c's tile is

@@ -26,8 +26,8 @@ class SoftmaxDropoutMatmul(torch.autograd.Function):
             scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
         # The probabilities in the scores' dtype (the kernel sums in fp32 for bf16/fp16 inputs), as
         # flash attention keeps them for its P·V product. torch.softmax would be cast to fp32 by CUDA's
-        # autocast: fp32 [B, H, N, N] passes, casts back for P·V, and fp32 matmuls in this backward
-        # (about 15% of a 1.5B training step on an H200). _softmax has no autocast rule on any device.
+        # autocast: fp32 [B, H, N, N] passes, casts back for P·V, and fp32 matmuls in this backward.
+        # _softmax has no autocast rule on any device.
         # On the CPU it also runs in place (bitwise equal, tested): a new [B, H, N, N] tensor costs
         # more than the softmax itself there, its pages faulted in on first touch.
         out = scores if scores.device.type == "cpu" and scores.is_contiguous() else None

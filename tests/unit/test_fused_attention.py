@@ -1,4 +1,4 @@
-"""attention_impl "fused" (model/fused_attention.py: flash attention with c2p, p2c and dropout inside the
+"""attention_impl "fused" (model/fast/fused_attention.py: flash attention with c2p, p2c and dropout inside the
 Triton kernels) against the same attention in plain torch autograd: run on the CPU in Triton's interpreter
 (TRITON_INTERPRET=1, read when triton is imported, so each check runs in a fresh process: this file run as
 a script). Dropout is checked with the mask the kernels drew (keep_mask), applied by the torch side. Half
@@ -79,7 +79,7 @@ def relative_diff(a, b):
 
 def compare_models(pos_att_type):
     """The MLM + EMD model, training mode without dropout, on a padded batch: "fused" against
-    "reference", loss and every parameter's gradient (max relative difference)."""
+    "math" (the plain formula), loss and every parameter's gradient (max relative difference)."""
     import torch
     from model import DebertaForMaskedLM, preset
     from model.fast import fused_attention
@@ -95,12 +95,12 @@ def compare_models(pos_att_type):
     mask[1, 60:] = 0
     labels = torch.where(torch.arange(72) % 4 == 0, ids, -100)
     results = {}
-    for impl in ("reference", "fused"):
+    for impl in ("math", "fused"):
         torch.manual_seed(1)
         mlm = DebertaForMaskedLM(config.replace(attention_impl=impl)).train()
         loss = mlm(input_ids=ids, attention_mask=mask, labels=labels).loss
         results[impl] = (loss, torch.autograd.grad(loss, list(mlm.parameters()), allow_unused=True))
-    (loss, grads), (fused_loss, fused_grads) = results["reference"], results["fused"]
+    (loss, grads), (fused_loss, fused_grads) = results["math"], results["fused"]
     assert sum(g is not None for g in grads) > 10
     assert all((a is None) == (b is None) for a, b in zip(grads, fused_grads))
     # the encoder ran its first two layers fused (the EMD replaces the last), the EMD (selected query
@@ -121,7 +121,7 @@ def test_fused_attention_equals_torch(case):
 
 def compare_half():
     """One attention layer (2 heads of 64, padded batch, 128 tokens) in fp16: the largest error of "fused"
-    and of "reference" against "reference" in fp32, relative to its largest value, for the output and the
+    and of "eager" against "math" in fp32, relative to its largest value, for the output and the
     gradients of the hidden states and of the relative embeddings."""
     import torch
     from model import preset
@@ -145,9 +145,9 @@ def compare_half():
         out = module(inputs[0], mask4d, rel_index, inputs[1])
         return [out] + list(torch.autograd.grad(out, inputs, grad.to(dtype)))
 
-    truth = run("reference", torch.float32)
+    truth = run("math", torch.float32)
     errors = {}
-    for impl in ("reference", "fused"):
+    for impl in ("eager", "fused"):
         got = run(impl, torch.float16)
         errors[impl] = [((a.float() - b)[token_mask] if a.shape[:2] == (B, N) else a.float() - b).abs().max().item()
                         / b.abs().max().item() for a, b in zip(got, truth)]
@@ -156,12 +156,12 @@ def compare_half():
 
 def test_fused_attention_half_precision():
     errors = run_interpreted(__file__, ["half"])
-    # fused keeps the probabilities in fp32 registers where the reference path rounds them to fp16
-    assert all(f <= 2 * r for f, r in zip(errors["fused"], errors["reference"])), errors
+    # fused keeps the probabilities in fp32 registers where the eager path rounds them to fp16
+    assert all(f <= 2 * r for f, r in zip(errors["fused"], errors["eager"])), errors
 
 
 @pytest.mark.parametrize("pos_att_type", ["p2c|c2p", "c2p"])
-def test_fused_model_equals_reference(pos_att_type):
+def test_fused_model_equals_the_math_path(pos_att_type):
     result = run_interpreted(__file__, ["model", pos_att_type])
     assert all(d < 1e-4 for d in result["diffs"]), result
 

@@ -1,6 +1,6 @@
 """Our DeBERTa-v2 against transformers' on the same random weights (CPU, fp32): outputs in eval mode,
 gradients in training mode with dropout 0, the EMD against the spec's recipe on transformers' modules,
-and the SDPA attention path against the reference path."""
+and the SDPA attention path against the eager path."""
 import pytest
 import torch
 
@@ -41,7 +41,7 @@ def max_diff_valid(a, b, mask):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-@pytest.mark.parametrize("impl", ["reference", "sdpa"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_base_model_matches_transformers(name, impl):
     config = CONFIGS[name].replace(attention_impl=impl)
     theirs, ours = hf_and_ours(config, "base")
@@ -54,7 +54,7 @@ def test_base_model_matches_transformers(name, impl):
         assert max_diff_valid(a, b, mask) <= TOL, (name, seq_len)
 
 
-@pytest.mark.parametrize("impl", ["reference", "sdpa"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_full_length_512_with_padding(impl):
     config = CONFIGS["v2"].replace(attention_impl=impl)
     theirs, ours = hf_and_ours(config, "base")
@@ -125,7 +125,7 @@ def test_regression_and_multiple_choice_match_transformers():
     assert abs(a.loss.item() - b.loss.item()) <= TOL
 
 
-@pytest.mark.parametrize("impl", ["reference", "sdpa"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_gradients_match_transformers_in_training_mode(impl):
     config = CONFIGS["v2"].replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attention_impl=impl)
     theirs, ours = hf_and_ours(config, "mlm", emd=False)
@@ -161,7 +161,7 @@ def emd_on_transformers(theirs, table, ids, mask, steps=2):
     return theirs.lm_predictions(query, deberta.embeddings.word_embeddings)
 
 
-@pytest.mark.parametrize("impl", ["reference", "sdpa"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_enhanced_mask_decoder_matches_spec_recipe(impl):
     config = CONFIGS["v2"].replace(attention_impl=impl)
     theirs, ours = hf_and_ours(config, "mlm", emd=True)
@@ -175,7 +175,7 @@ def test_enhanced_mask_decoder_matches_spec_recipe(impl):
     assert max_diff_valid(plain, got, mask) > 1e-3  # the EMD really changes the prediction
 
 
-@pytest.mark.parametrize("impl", ["reference", "sdpa"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_enhanced_mask_decoder_at_masked_positions_is_exact(impl):
     """With labels, the EMD runs its query rows at the labelled positions only: the same logits, loss and
     gradients as the full EMD read at those positions (padding rows, uneven counts per sequence)."""
@@ -402,7 +402,7 @@ def test_autocast_linear_equals_autocast_f_linear_in_value_and_gradients():
     assert torch.equal(results[0][0], results[1][0])  # the forward is the same computation
 
 
-@pytest.mark.parametrize("impl", ["reference", "sdpa"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_no_padding_skips_the_mask_and_changes_nothing(impl, monkeypatch):
     """A batch without padding gets mask4d None (attention_mask_4d): forward and gradients, dropout on,
     equal bitwise those of the same batch through the masked path; a padded batch keeps its mask."""
@@ -447,14 +447,14 @@ def test_attention_probabilities_keep_the_scores_dtype_under_autocast():
     assert scores.grad.dtype == torch.bfloat16 and v.grad.dtype == torch.bfloat16
 
 
-def test_auto_attention_is_the_reference_path_off_cuda():
-    """attention_impl "auto" (the default) takes "reference" on the CPU ("sdpa" on CUDA): bitwise equal."""
+def test_auto_attention_is_the_eager_path_off_cuda():
+    """attention_impl "auto" (the default) takes "eager" on the CPU ("sdpa" on CUDA): bitwise equal."""
     from model import DebertaModel
     assert preset("tiny").attention_impl == "auto"
     ids, mask = batch(12, pad_from=7)
     torch.manual_seed(0)
     auto = DebertaModel(CONFIGS["v2"]).eval()
-    reference = DebertaModel(CONFIGS["v2"].replace(attention_impl="reference")).eval()
+    reference = DebertaModel(CONFIGS["v2"].replace(attention_impl="eager")).eval()
     reference.load_state_dict(auto.state_dict())
     sdpa = DebertaModel(CONFIGS["v2"].replace(attention_impl="sdpa")).eval()
     sdpa.load_state_dict(auto.state_dict())
@@ -466,13 +466,41 @@ def test_auto_attention_is_the_reference_path_off_cuda():
 
 def test_fused_attention_falls_back_where_its_kernels_cannot_run(monkeypatch):
     """attention_impl "fused" without CUDA (and without TRITON_INTERPRET) takes auto's path: on the CPU the
-    reference path, bitwise. tests/test_fused_attention.py runs the kernels themselves."""
+    eager path, bitwise. tests/test_fused_attention.py runs the kernels themselves."""
     from model import DebertaModel
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     ids, mask = batch(12, pad_from=7)
     torch.manual_seed(0)
     fused = DebertaModel(CONFIGS["v2"].replace(attention_impl="fused")).eval()
-    reference = DebertaModel(CONFIGS["v2"].replace(attention_impl="reference")).eval()
+    reference = DebertaModel(CONFIGS["v2"].replace(attention_impl="eager")).eval()
     reference.load_state_dict(fused.state_dict())
     with torch.no_grad():
         assert torch.equal(fused(ids, mask).last_hidden_state, reference(ids, mask).last_hidden_state)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa", "auto"])
+@pytest.mark.parametrize("name", ["v2", "unshared_p2c", "unshared_c2p", "no_buckets", "absolute"])
+def test_every_attention_path_equals_the_math_path(impl, name):
+    """attention_impl "math" (model/attention.py: the formula term by term, gathers, masked softmax, nn.Dropout)
+    is the oracle: the MLM + EMD model on a padded batch, training mode without dropout, gives the same loss
+    and parameter gradients with every fast path, and the same hidden states in eval mode."""
+    from model import DebertaForMaskedLM
+    config = CONFIGS[name].replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ids, mask = batch(40, batch_size=3, pad_from=29)
+    labels = torch.full_like(ids, -100)
+    labels[:, 3:25:4] = ids[:, 3:25:4]
+    results = {}
+    for attention in ("math", impl):
+        torch.manual_seed(0)
+        model = DebertaForMaskedLM(config.replace(attention_impl=attention)).train()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        with torch.no_grad():
+            hidden = model.eval().deberta(ids, mask).last_hidden_state
+        results[attention] = (loss.item(), grads, hidden)
+    (loss, grads, hidden), (fast_loss, fast_grads, fast_hidden) = results["math"], results[impl]
+    assert abs(loss - fast_loss) < 1e-6 and grads.keys() == fast_grads.keys()
+    for key, grad in grads.items():
+        assert (grad - fast_grads[key]).abs().max() <= 1e-5 * max(grad.abs().max().item(), 1e-3), key
+    assert max_diff_valid(hidden, fast_hidden, mask) < TOL
