@@ -277,6 +277,19 @@ class ShardSet:
     def __len__(self):
         return int(self.cumulative[-1])
 
+    @property
+    def fingerprint(self):
+        """sha256 over every shard's data and index hashes, in the loader's order: what the samples are."""
+        digest = hashlib.sha256()
+        for shard in self.shards:
+            digest.update(f"{shard.manifest['bin']['sha256']} {shard.manifest['idx']['sha256']}\n".encode())
+        return digest.hexdigest()
+
+    def identity(self):
+        """What a run records about its data, and compares on resume."""
+        return {"tokenizer_sha256": self.tokenizer_sha256, "shards_sha256": self.fingerprint, "num_samples": len(self),
+                "max_seq_len": self.max_seq_len}
+
     def sample(self, index):
         shard = int(np.searchsorted(self.cumulative, index, side="right")) - 1
         return self.shards[shard].sample(index - int(self.cumulative[shard]))

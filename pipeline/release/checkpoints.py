@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import sys
 
 from model import state_dict_adapter as keys
 from pipeline.errors import CheckpointError
@@ -41,7 +42,13 @@ def resolve_tag(path, tag=None):
                 available = sorted(n for n in os.listdir(ckpt_dir) if n.startswith("global_step"))
                 raise CheckpointError(f"{tag_dir}: tag {tag!r} does not exist (found: {', '.join(available) or 'none'})")
         else:
-            found, _ = checkpoint.latest(ckpt_dir)
+            found, _, damaged = checkpoint.newest_complete(ckpt_dir)
+            for name, problem in damaged:
+                print(f"convert: checkpoint {name} is damaged ({problem})" + (f"; converting {found}" if found else ""),
+                      file=sys.stderr)
+            if found is None and damaged:
+                raise CheckpointError(f"{ckpt_dir}: no complete checkpoint ({damaged[0][0]} is damaged: {damaged[0][1]}); "
+                                      "give --tag to convert one regardless")
             if found is None:
                 raise CheckpointError(f"{path}: not a training checkpoint directory (no global_stepN/ with "
                                       f"{checkpoint.META}; give --checkpoint RUN/checkpoints or a tag directory)")

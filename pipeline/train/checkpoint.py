@@ -9,7 +9,16 @@ Layout under OUTPUT_DIR/checkpoints:
 
 The client state inside DeepSpeed's files carries the step, the loader cursor (consumed samples)
 and UNIVERSAL_CHECKPOINT_INFO, so `ds_to_universal` converts without `--inject_missing_state`.
+
+deberta_ds.json is written last, by rank 0, once every rank's files are complete: a tag without it was being
+written when the run stopped and is not a checkpoint. It lists every file of the tag with its size (and the
+sha256 of the small ones: RNG states, DeepSpeed's model states of small models), so a resume checks the
+newest tag before loading it: a file missing, truncated or changed, or a meta file that cannot be read, makes
+the tag damaged; the run says so in one line and resumes from the newest complete tag instead. DeepSpeed's
+files are written through Python file objects, so a failed write (disk full, a quota, an I/O error) names
+the file and the OS error; the partial tag is removed and the previous checkpoint stays.
 """
+import hashlib
 import json
 import os
 import random
@@ -24,11 +33,12 @@ import torch.distributed as dist
 from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                             UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, OutputError
 from pipeline.io import atomic_json
 
 META = "deberta_ds.json"
 TAG = re.compile(r"^global_step(\d+)$")
+HASHED_BYTES = 1 << 20  # files up to this size get a sha256 in the meta file (cheap); larger ones a size
 
 
 def tag_for(step):
@@ -54,21 +64,99 @@ def universal_client_state():
     return {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
 
 
+def os_error_in(error):
+    """The OSError behind an exception (torch.save raises RuntimeError with the file's OSError as context)."""
+    while error is not None:
+        if isinstance(error, OSError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def save_file(obj, path):
+    """torch.save through a Python file object: a failed write is an OutputError naming the path and the OS
+    error (torch.save to a path reports only "iostream error")."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+    except (OSError, RuntimeError) as error:
+        cause = os_error_in(error)
+        if cause is None or isinstance(cause, OutputError):
+            raise
+        raise OutputError(f"{path}: {cause.strerror or cause}") from None
+
+
+def write_through_python(engine):
+    """DeepSpeed's checkpoint engine writing every file with save_file (done once per engine)."""
+    checkpoint_engine = engine.checkpoint_engine
+    if not getattr(checkpoint_engine, "writes_through_python", False):
+        checkpoint_engine.save = lambda state_dict, path: save_file(state_dict, path)
+        checkpoint_engine.writes_through_python = True
+
+
+def on_every_rank(work):
+    """Run work() on this rank; if it raised an OSError on any rank, every rank gets that rank's message."""
+    message = None
+    try:
+        work()
+    except OSError as error:
+        message = str(error) if isinstance(error, OutputError) or error.filename is None else \
+            f"{error.filename}: {error.strerror}"
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    return next((m for m in messages if m), None)
+
+
 def save(stepper, ckpt_dir, step, client_state, meta, keep_last, rank):
     """A checkpoint of the stepper's engine(s), every rank's RNG states, then the meta file that marks the tag
-    finished; the oldest tags beyond keep_last are removed."""
+    finished and lists its files; the oldest tags beyond keep_last are removed. A write that fails on any rank
+    removes the partial tag on all and raises an OutputError naming the file and the OS error."""
     tag = tag_for(step)
+    tag_dir = os.path.join(ckpt_dir, tag)
     state = dict(client_state, step=step, **universal_client_state())
-    stepper.save(ckpt_dir, tag, state)
-    torch.save(rng_state(), os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"))
-    dist.barrier()  # every rank's files are complete before the meta file marks the tag finished
-    if rank == 0:
-        atomic_json(os.path.join(ckpt_dir, tag, META), dict(meta, step=step))
-    dist.barrier()
+
+    def write_rank_files():
+        stepper.save(ckpt_dir, tag, state)
+        save_file(rng_state(), os.path.join(tag_dir, f"rng_rank{rank}.pt"))
+
+    def write_meta():
+        if rank == 0:
+            atomic_json(os.path.join(tag_dir, META), dict(meta, step=step, files=file_manifest(tag_dir)))
+
+    for work in (write_rank_files, write_meta):  # every rank's files are complete before the meta file
+        failure = on_every_rank(work)
+        if failure:
+            if rank == 0:
+                shutil.rmtree(tag_dir, ignore_errors=True)
+            dist.barrier()
+            previous = tags(ckpt_dir)
+            raise OutputError(f"saving checkpoint {tag_dir} failed: {failure}; "
+                              + (f"the previous checkpoint {previous[-1]} is kept" if previous else "no earlier checkpoint"))
     if rank == 0:
         prune(ckpt_dir, keep_last)
     dist.barrier()
     return tag
+
+
+def file_manifest(tag_dir):
+    """{file relative to the tag: {"bytes", and "sha256" for files up to HASHED_BYTES}} of every file but META."""
+    files = {}
+    for folder, _, names in os.walk(tag_dir):
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            relative = os.path.relpath(path, tag_dir)
+            if relative == META:
+                continue
+            entry = {"bytes": os.path.getsize(path)}
+            if entry["bytes"] <= HASHED_BYTES:
+                entry["sha256"] = _sha256(path)
+            files[relative] = entry
+    return files
+
+
+def _sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def tags(ckpt_dir):
@@ -83,6 +171,50 @@ def tags(ckpt_dir):
     return [name for _, name in sorted(found)]
 
 
+def read_meta(tag_dir):
+    path = os.path.join(tag_dir, META)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: cannot read ({error})") from None
+    if not isinstance(meta, dict) or "model_config" not in meta or "mode" not in meta:
+        raise CheckpointError(f"{path}: not a deberta-ds checkpoint meta file (no model_config or mode)")
+    return meta
+
+
+def damage(tag_dir, meta):
+    """Why the files of a tag do not match its meta file ("" when they do; meta files of builds that recorded no
+    file list are taken as they are)."""
+    for relative, entry in sorted(meta.get("files", {}).items()):
+        path = os.path.join(tag_dir, relative)
+        if not os.path.exists(path):
+            return f"{path}: missing"
+        size = os.path.getsize(path)
+        if size != entry["bytes"]:
+            return f"{path}: {size} bytes, {entry['bytes']} when saved (truncated or replaced)"
+        if "sha256" in entry and _sha256(path) != entry["sha256"]:
+            return f"{path}: its contents changed since it was saved (sha256 differs)"
+    return ""
+
+
+def newest_complete(ckpt_dir):
+    """(tag, meta, damaged) of the newest finished tag whose files match its meta file, or (None, None, damaged);
+    damaged lists (tag, why) of the newer finished tags that do not."""
+    damaged = []
+    for name in reversed(tags(ckpt_dir)):
+        tag_dir = os.path.join(ckpt_dir, name)
+        try:
+            meta = read_meta(tag_dir)
+            problem = damage(tag_dir, meta)
+        except CheckpointError as error:
+            problem = str(error)
+        if not problem:
+            return name, meta, damaged
+        damaged.append((name, problem))
+    return None, None, damaged
+
+
 def prune(ckpt_dir, keep_last):
     for name in tags(ckpt_dir)[:-keep_last]:
         shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
@@ -90,13 +222,9 @@ def prune(ckpt_dir, keep_last):
 
 
 def latest(ckpt_dir):
-    """The newest finished tag and its meta, or (None, None). A tag without the meta file was being
-    written when the run died: it is ignored (DeepSpeed's `latest` may already point at it)."""
-    found = tags(ckpt_dir)
-    if not found:
-        return None, None
-    with open(os.path.join(ckpt_dir, found[-1], META), encoding="utf-8") as f:
-        return found[-1], json.load(f)
+    """The newest complete tag and its meta, or (None, None) (see newest_complete)."""
+    tag, meta, _ = newest_complete(ckpt_dir)
+    return tag, meta
 
 
 def check_compatible(meta, model_config_dict, mode, source):
@@ -160,6 +288,7 @@ class SingleEngine:
         self.engine = engine
 
     def save(self, ckpt_dir, tag, client_state):
+        write_through_python(self.engine)
         self.engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
 
     def load(self, ckpt_dir, tag):
@@ -169,8 +298,11 @@ class SingleEngine:
 def load(stepper, ckpt_dir, tag, rank, universal=False):
     """The stepper's engine(s) and this rank's RNG states (not after a universal conversion: the ranks are
     others then); returns the client state."""
-    client_state = stepper.load(ckpt_dir, tag)
     rng_file = os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt")
-    if not universal and os.path.exists(rng_file):
+    if not universal and not os.path.exists(rng_file):
+        raise CheckpointError(f"{rng_file}: missing; without this rank's random states the resumed run would not "
+                              "be the run it continues (dropout, masking draws)")
+    client_state = stepper.load(ckpt_dir, tag)
+    if not universal:
         set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state

@@ -3,8 +3,10 @@
 Any launcher starts it unchanged: `deepspeed`, `torchrun`, `srun` (Slurm) and `mpirun` (Open MPI);
 pipeline/launch/ finds rank, world size and master address in whichever environment it is.
 
-It resumes from the newest finished checkpoint in OUTPUT_DIR/checkpoints by itself (on another number of ranks
-through DeepSpeed's universal format). On SIGTERM or SIGUSR1 it finishes the step, saves a checkpoint and
+It resumes from the newest complete checkpoint in OUTPUT_DIR/checkpoints by itself (on another number of ranks
+through DeepSpeed's universal format), and only on the data the checkpoint was trained on (tokenizer, shards,
+sequence length; --accept-data-change continues on other shards deliberately). A damaged newest checkpoint is
+reported and the one before it used. One run per output directory (OUTPUT_DIR/deberta-ds.lock). On SIGTERM or SIGUSR1 it finishes the step, saves a checkpoint and
 exits with code 75 ("checkpointed; run me again"), which the Slurm scripts turn into a requeue.
 Exit codes: 0 done, 1 bad input or config, 2 usage, 3 non-finite loss (fp32/bf16) or max_nonfinite_steps
 skipped steps in a row (fp16), 75 as above.
@@ -14,6 +16,7 @@ import os
 import sys
 
 from pipeline.lifecycle import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, StopFlag, any_rank, inject_fault, run_and_finish
+from pipeline.cli_types import positive_int
 
 
 def add_arguments(parser):
@@ -30,11 +33,15 @@ def add_arguments(parser):
                         help="override a run-config setting, e.g. --set lr=1e-4 --set model_overrides.num_hidden_layers=2")
     parser.add_argument("--ds", action="append", default=[], metavar="KEY=VALUE",
                         help="override a DeepSpeed-config setting, e.g. --ds bf16.enabled=true --ds zero_optimization.stage=1")
+    parser.add_argument("--accept-data-change", action="store_true",
+                        help="resume although --data-dir (or --valid-data-dir) holds other shards than the checkpoint "
+                        "was trained on: continued pretraining on a new corpus. Recorded in the checkpoint; the data "
+                        "cursor starts at the new shards' beginning. Another tokenizer is never accepted.")
     parser.add_argument("--check-only", action="store_true",
                         help="check the configs, data and tokenizer for a job of --nodes x --ranks-per-node ranks, "
                         "then exit (0: fine; 1: the message says what is wrong); nothing is started")
-    parser.add_argument("--nodes", type=int, default=1, help="with --check-only: nodes of the job (default 1)")
-    parser.add_argument("--ranks-per-node", type=int, default=1,
+    parser.add_argument("--nodes", type=positive_int, default=1, help="with --check-only: nodes of the job (default 1)")
+    parser.add_argument("--ranks-per-node", type=positive_int, default=1,
                         help="with --check-only: training processes per node (default 1)")
 
 
@@ -53,7 +60,7 @@ def run(args):
     quiet_known_warnings()
     run_config, ds = prepare(args, discover_env().world_size)
     env = setup_distributed()
-    return run_and_finish(train, run_config, ds, env)
+    return run_and_finish(train, run_config, ds, env, args.accept_data_change)
 
 
 def model_config_for(run, tokenizer):
@@ -65,7 +72,37 @@ def model_config_for(run, tokenizer):
     return config
 
 
-def train(run, ds, env):
+def data_identity(run, tokenizer):
+    """What defines this run's data, as the checkpoint records it: the training shards' identity (tokenizer,
+    shard contents, samples, sequence length) and the validation shards' fingerprint."""
+    from pipeline.data.shards import ShardSet
+    identity = ShardSet(run.data_dir, tokenizer_fingerprint=tokenizer.fingerprint).identity()
+    identity["valid_shards_sha256"] = ShardSet(run.valid_data_dir).fingerprint if run.valid_data_dir else None
+    return identity
+
+
+def check_same_data(saved, now, source, accept_change):
+    """Refuse a resume on other data, naming both; True when the change is accepted (--accept-data-change)."""
+    from pipeline.errors import CheckpointError
+    if saved is None:  # a checkpoint of a build that recorded no data identity: only its tokenizer is known
+        return False
+    if saved["tokenizer_sha256"] != now["tokenizer_sha256"]:
+        raise CheckpointError(f"{source}: trained with tokenizer sha256 {saved['tokenizer_sha256'][:16]}..., this run's "
+                              f"is {now['tokenizer_sha256'][:16]}...: the model's embeddings belong to the checkpoint's "
+                              "tokenizer. Use its shards (and spm.model), or start a new run (convert to a release, "
+                              "then init_from_release) to change tokenizers")
+    differs = [k for k in ("shards_sha256", "num_samples", "max_seq_len", "valid_shards_sha256") if saved.get(k) != now.get(k)]
+    if not differs:
+        return False
+    if not accept_change:
+        detail = "; ".join(f"{k}: checkpoint {str(saved.get(k))[:16]} vs now {str(now.get(k))[:16]}" for k in differs)
+        raise CheckpointError(f"{source}: trained on other data than --data-dir/--valid-data-dir give ({detail}). Point "
+                              "them at the run's shards, or add --accept-data-change to continue on these ones "
+                              "deliberately (recorded in the checkpoint)")
+    return True
+
+
+def train(run, ds, env, accept_data_change=False):
     import torch
 
     from pipeline.data.mlm_loader import build_pretrain_loader
@@ -75,6 +112,9 @@ def train(run, ds, env):
     from pipeline.train.engine import build_stepper
     from pipeline.train.evaluate import build_valid_loader, due, evaluate
     from pipeline.train.monitor import Monitor, flops_per_token, guess_peak_tflops
+    from pipeline.errors import CheckpointError
+    from pipeline.io import make_dirs
+    from pipeline.lifecycle import lock_run_directory
     from pipeline.train.preflight import dp_size_of
 
     rank, world = env.rank, env.world_size
@@ -82,13 +122,26 @@ def train(run, ds, env):
     tokenizer = Tokenizer(run.tokenizer_path())
     model_config = model_config_for(run, tokenizer)
     ckpt_dir = os.path.join(run.output_dir, "checkpoints")
-    os.makedirs(ckpt_dir, exist_ok=True)
+    make_dirs(ckpt_dir, "checkpoint directory")
+    lock_run_directory(run.output_dir, rank, "pretraining run")
+    data = data_identity(run, tokenizer)
 
     # resume plan, decided before the engine exists (a universal load is an engine setting)
-    tag, meta = checkpoint.latest(ckpt_dir)
-    universal = False
+    tag, meta, damaged = checkpoint.newest_complete(ckpt_dir)
+    if rank == 0:
+        for name, problem in damaged:
+            print(f"checkpoint {name} is damaged ({problem}); "
+                  + (f"resuming from {tag}" if tag else "no complete checkpoint before it"), file=sys.stderr)
+    if tag is None and damaged:
+        raise CheckpointError(f"{ckpt_dir}: no complete checkpoint to resume from ({damaged[-1][0]} is the oldest, "
+                              "damaged); starting over would not continue the run. Move the checkpoints away to "
+                              "start from scratch")
+    universal, data_changed, history = False, False, []
     if tag is not None:
-        checkpoint.check_compatible(meta, model_config.to_dict(), run.mode, os.path.join(ckpt_dir, tag))
+        source = os.path.join(ckpt_dir, tag)
+        checkpoint.check_compatible(meta, model_config.to_dict(), run.mode, source)
+        data_changed = check_same_data(meta.get("data"), data, source, accept_data_change)
+        history = meta.get("data_history", [])
         if meta["dp_size"] != dp_size or meta["pipeline_stages"] != run.pipeline_stages:
             tag = checkpoint.ensure_universal(ckpt_dir, tag, rank)
             ds.setdefault("checkpoint", {})["load_universal"] = True
@@ -100,7 +153,14 @@ def train(run, ds, env):
     if tag is not None:
         client_state = checkpoint.load(stepper, ckpt_dir, tag, rank, universal=universal) or {}
     step = int(client_state.get("step", 0))
-    consumed = int(client_state.get("data", {}).get("consumed_samples", 0))
+    saved_data = client_state.get("data", {})
+    consumed, data_start = int(saved_data.get("consumed_samples", 0)), int(saved_data.get("start_step", 0))
+    if data_changed:  # continued pretraining on other shards: their order from the beginning
+        consumed, data_start = 0, step
+        history = history + [dict(meta.get("data") or {}, until_step=step)]
+        if rank == 0:
+            print(f"data change accepted at step {step}: the run continues on {run.data_dir} from its first sample "
+                  "(recorded in the checkpoint)", file=sys.stderr)
     loader = build_pretrain_loader(run.data_dir, tokenizer, run.micro_batch_size, stepper.dp_rank, stepper.dp_size,
                                    run.seed, consumed_samples=consumed)
     seq_len = loader.max_seq_len
@@ -119,7 +179,8 @@ def train(run, ds, env):
                       peak or None)
     stop = StopFlag()
     meta_out = {"model_config": model_config.to_dict(), "mode": run.mode, "pipeline_stages": run.pipeline_stages,
-                "dp_size": dp_size, "run_config": run.to_dict(), "tokenizer_sha256": tokenizer.fingerprint}
+                "dp_size": dp_size, "world_size": world, "run_config": run.to_dict(),
+                "tokenizer_sha256": tokenizer.fingerprint, "data": data, "data_history": history}
     batches = stepper.batches(loader)
     nonfinite_in_a_row = 0
     code = EXIT_OK
@@ -151,7 +212,8 @@ def train(run, ds, env):
             monitor.record_eval(step, evaluate(stepper, valid_loader, run))
         signalled = any_rank(stop.raised is not None, stepper.device)
         if step % run.save_interval == 0 or step == run.max_steps or signalled:
-            state = {"data": {"consumed_samples": step * run.global_batch_size, "seed": run.seed},
+            state = {"data": {"consumed_samples": (step - data_start) * run.global_batch_size, "seed": run.seed,
+                              "start_step": data_start},
                      "run_config": run.to_dict()}
             saved = checkpoint.save(stepper, ckpt_dir, step, state, meta_out, run.keep_last, rank)
             if rank == 0:

@@ -22,9 +22,7 @@ def free_port():
 
 
 def run_env(extra=None):
-    env = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                   os.path.expanduser("~/.cache/torch_extensions")))
+    env = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     env.update(extra or {})
@@ -36,16 +34,26 @@ def cli(*args, extra_env=None, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
+# runs the rest of argv with files limited to N bytes (RLIMIT_FSIZE; SIGXFSZ ignored, so a write beyond it fails
+# with EFBIG, a real OS error from a real write, as ENOSPC on a full disk)
+FILE_LIMIT = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY)); "
+              "os.execv(sys.executable, [sys.executable] + sys.argv[2:])")
+
+
 def pretrain(data_dir, out_dir, nproc=2, sets=(), ds=ZERO3, ds_sets=(), config=TINY_RUN, extra_env=None,
-             timeout=600):
-    """torchrun --nproc_per_node N -m pipeline.pretrain ...; returns the CompletedProcess."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+             timeout=600, args=(), file_limit=None):
+    """torchrun --nproc_per_node N -m pipeline.cli pretrain ...; returns the CompletedProcess. file_limit: no
+    file of the run may grow beyond this many bytes."""
+    limit = [sys.executable, "-c", FILE_LIMIT, str(file_limit)] if file_limit else [sys.executable]
+    cmd = limit + ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "pipeline.cli", "pretrain",
            "--config", config, "--deepspeed", ds, "--data-dir", str(data_dir), "--output-dir", str(out_dir)]
     for item in sets:
         cmd += ["--set", item]
     for item in ds_sets:
         cmd += ["--ds", item]
+    cmd += list(args)
     return subprocess.run(cmd, cwd=ROOT, env=run_env(extra_env), capture_output=True, text=True, timeout=timeout)
 
 

@@ -41,7 +41,7 @@ def same_tensors(a_dir, b_dir):
 
 
 def no_leftovers(parent):
-    return not [n for n in os.listdir(parent) if n.startswith(".tmp-release-")]
+    return not [n for n in os.listdir(parent) if n.startswith((".tmp-", ".old-"))]
 
 
 # ---------------------------------------------------------------- module fixtures: releases and real runs
@@ -268,9 +268,10 @@ def test_bad_inputs_are_clear_errors_with_no_output(zero3_run, tiny_shards, tmp_
     # a truncated optimizer partition is named
     optim = ckpt / "global_step2" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     optim.write_bytes(optim.read_bytes()[:5000])
-    refuses(capsys, ckpt, out, "zero_pp_rank_1_mp_rank_00_optim_states.pt: cannot read")
+    refuses(capsys, ckpt, out, "no complete checkpoint (global_step2 is damaged: " + str(optim) + ": 5000 bytes")
+    refuses(capsys, ckpt, out, "zero_pp_rank_1_mp_rank_00_optim_states.pt: cannot read", "--tag", "global_step2")
     optim.unlink()
-    refuses(capsys, ckpt, out, "ZeRO wrote 2 optimizer partitions but 1 files are there")
+    refuses(capsys, ckpt, out, "ZeRO wrote 2 optimizer partitions but 1 files are there", "--tag", "global_step2")
     # an existing, non-empty output is not overwritten unless asked
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("x")
@@ -284,7 +285,9 @@ def test_truncated_pipeline_layer_file_is_named(pipe_run, tmp_path, capsys):
     ckpt = copy_checkpoint(pipe_run, tmp_path)
     layer = ckpt / "global_step1" / "layer_03-model_states.pt"
     layer.write_bytes(layer.read_bytes()[:3000])
-    refuses(capsys, ckpt, tmp_path / "out", "layer_03-model_states.pt: cannot read", "--source", "layers")
+    refuses(capsys, ckpt, tmp_path / "out", "layer_03-model_states.pt: 3000 bytes", "--source", "layers")
+    refuses(capsys, ckpt, tmp_path / "out", "layer_03-model_states.pt: cannot read", "--source", "layers",
+            "--tag", "global_step1")
 
 
 def test_init_from_release_reads_each_tensor_once_and_only_on_rank_0_under_zero3(start, monkeypatch):
@@ -313,3 +316,23 @@ def test_init_from_release_reads_each_tensor_once_and_only_on_rank_0_under_zero3
             names = [n for n, _ in model.named_parameters()]
             assert sorted(reads) == sorted(names)         # each parameter's tensor read exactly once
             assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_overwrite_replaces_only_a_release_and_never_the_training_run(zero3_run, zero3_release, tmp_path, capsys):
+    """--overwrite onto the run that holds the checkpoint (or any directory that is no release) is refused and
+    leaves it whole; over a previous release the new one replaces it once complete."""
+    run = tmp_path / "run"
+    shutil.copytree(zero3_run, run)
+    before = sorted(os.listdir(run))
+    assert to_release(run / "checkpoints", run, "--overwrite") == 1
+    err = capsys.readouterr().err
+    assert "exists and is not a release directory (checkpoints/, metrics.jsonl" in err, err
+    assert sorted(os.listdir(run)) == before and no_leftovers(tmp_path)
+    target = tmp_path / "release"
+    shutil.copytree(zero3_release, target)
+    (target / "model.safetensors").write_bytes(b"an older release")
+    assert to_release(run / "checkpoints", target) == 1
+    assert "a release is already there; give --overwrite" in capsys.readouterr().err
+    assert to_release(run / "checkpoints", target, "--overwrite") == 0
+    same_tensors(zero3_release, target)
+    assert no_leftovers(tmp_path)

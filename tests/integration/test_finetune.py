@@ -7,6 +7,7 @@ not leak into pytest; with OMP_NUM_THREADS=1, because two threads on a shared 2-
 tiny run about 20 times slower."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -147,3 +148,15 @@ def test_a_head_for_another_task_is_a_one_line_error(finetuned, tmp_path):
     result = cli("finetune", "--task", "RTE", "--release", best, "--data-dir", FIXTURES,
                  "--output-dir", str(tmp_path / "out"), *TRAIN_OPTIONS)
     one_line_error(result, "classifier.weight", "(3, 64)", "(2, 64)")
+
+
+def test_an_output_directory_in_use_by_another_run_is_refused(tiny_release, cb_data, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    # held by a live process on this host (this test's own)
+    (out / "deberta-ds.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                     "started": "now"}))
+    result = cli("finetune", "--task", "CB", "--release", tiny_release, "--data-dir", cb_data,
+                 "--output-dir", str(out), *TRAIN_OPTIONS)
+    one_line_error(result, "in use by another fine-tuning run", f"pid {os.getpid()}")
+    assert sorted(os.listdir(out)) == ["deberta-ds.lock"]

@@ -96,3 +96,31 @@ def test_pipeline_layer_files_are_the_release_layout(process_group):
     mapped = {name: keys.from_pipeline(name, maps) for name in module.state_dict()}
     assert None not in mapped.values()
     assert set(mapped.values()) == {k for k, _ in mlm_layout(config, emd=True)}
+
+
+def test_a_save_that_cannot_write_names_the_file_keeps_the_previous_checkpoint_and_leaves_no_partial_tag(
+        process_group, release, data_env, tmp_path):
+    """The files of this run are larger than the file-size limit set here (RLIMIT_FSIZE, with SIGXFSZ ignored, a
+    real OS error from a real write: EFBIG, as a full disk gives ENOSPC)."""
+    import resource
+    import signal
+    from pipeline.errors import OutputError
+    run, stepper = stepper_for("zero3", release, "cpu_zero3_fp32")
+    batches = stepper.batches(loader(data_env, stepper))
+    meta = {"model_config": run.model_config().to_dict(), "mode": "zero3", "pipeline_stages": 1, "dp_size": 1}
+    stepper.train_step(batches)
+    checkpoint.save(stepper, str(tmp_path), 1, {}, meta, keep_last=3, rank=0)
+    stepper.train_step(batches)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))
+    try:
+        with pytest.raises(OutputError) as error:
+            checkpoint.save(stepper, str(tmp_path), 2, {}, meta, keep_last=3, rank=0)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    message = str(error.value)
+    assert message.startswith(f"saving checkpoint {tmp_path / 'global_step2'} failed: {tmp_path / 'global_step2'}/")
+    assert "File too large; the previous checkpoint global_step1 is kept" in message
+    assert not (tmp_path / "global_step2").exists() and checkpoint.latest(str(tmp_path))[0] == "global_step1"
