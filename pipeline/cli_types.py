@@ -34,3 +34,11 @@ def at_least(minimum):
         return value
     parse.__name__ = f"int >= {minimum}"
     return parse
+
+
+def coverage(text):
+    """A fraction in (0, 1] (sentencepiece's character coverage)."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be at most 1, got {text}")
+    return value

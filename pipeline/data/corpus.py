@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pipeline.errors import DataError
 from pipeline.io import atomic_write, make_dirs
+from pipeline.cli_types import positive_int
 
 DEFAULT_MAX_BYTES = 3_000_000  # "a few MB": enough to train a small tokenizer and a tiny model
 DEFAULT_NUM_FILES = 4
@@ -21,9 +22,9 @@ MIN_DOC_CHARS = 40  # shorter docstrings ("Return x.") carry little text
 
 def add_arguments(parser):
     parser.add_argument("--output", required=True, help="directory to write corpus-XXXX.txt files into")
-    parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
+    parser.add_argument("--max-bytes", type=positive_int, default=DEFAULT_MAX_BYTES,
                         help="stop after this many bytes of text (default %(default)s)")
-    parser.add_argument("--num-files", type=int, default=DEFAULT_NUM_FILES,
+    parser.add_argument("--num-files", type=positive_int, default=DEFAULT_NUM_FILES,
                         help="number of .txt files to split the corpus into (default %(default)s)")
     parser.add_argument("--stdlib", default=None,
                         help="standard-library directory to read (default: this Python's)")

@@ -23,6 +23,7 @@ from pipeline.data import shards, sources
 from pipeline.data.tokenizer import Tokenizer, file_sha256
 from pipeline.errors import ConfigError
 from pipeline.io import atomic_copy, atomic_write, make_dirs
+from pipeline.cli_types import at_least, positive_int
 
 CHUNK_BYTES = 1 << 18  # documents are sent to workers in chunks of about this much text
 
@@ -31,17 +32,17 @@ def add_arguments(parser):
     sources.add_source_arguments(parser)
     parser.add_argument("--tokenizer", required=True, help="spm.model from `deberta-ds tokenizer train`")
     parser.add_argument("--output-dir", required=True, help="directory for the shards (shared by all tasks)")
-    parser.add_argument("--max-seq-len", type=int, default=512,
+    parser.add_argument("--max-seq-len", type=at_least(3), default=512,
                         help="sample length including [CLS] and [SEP] (default %(default)s)")
-    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default %(default)s)")
-    parser.add_argument("--num-shards", type=int, default=None,
+    parser.add_argument("--workers", type=positive_int, default=1, help="tokenizer processes (default %(default)s)")
+    parser.add_argument("--num-shards", type=positive_int, default=None,
                         help="split the work into this many tasks (default: $SLURM_ARRAY_TASK_COUNT or 1)")
-    parser.add_argument("--shard-index", type=int, default=None,
+    parser.add_argument("--shard-index", type=at_least(0), default=None,
                         help="which task this process is, 0-based (default: $SLURM_ARRAY_TASK_ID or 0)")
     parser.add_argument("--split-by", choices=("auto", "files", "documents"), default="auto",
                         help="give tasks whole files or every K-th document; auto = files when there are "
                              "at least --num-shards files (default %(default)s)")
-    parser.add_argument("--shard-tokens", type=int, default=1 << 27,
+    parser.add_argument("--shard-tokens", type=positive_int, default=1 << 27,
                         help="start a new output shard after this many tokens (default %(default)s = 512 MiB)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

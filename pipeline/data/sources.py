@@ -10,6 +10,7 @@ import json
 import os
 
 from pipeline.errors import DataError
+from pipeline.cli_types import positive_int
 
 DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
 TEXT_SUFFIXES = (".txt", ".text")
@@ -31,7 +32,7 @@ def add_source_arguments(parser):
     parser.add_argument("--dataset-split", default="train", help="split of --dataset (default %(default)s)")
     parser.add_argument("--text-field", default="text",
                         help="field/column holding the text in jsonl, parquet and datasets (default %(default)s)")
-    parser.add_argument("--max-line-bytes", type=int, default=DEFAULT_MAX_LINE_BYTES,
+    parser.add_argument("--max-line-bytes", type=positive_int, default=DEFAULT_MAX_LINE_BYTES,
                         help="reject lines (documents) longer than this many bytes (default %(default)s)")
 
 

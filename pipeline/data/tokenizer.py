@@ -21,6 +21,7 @@ import unicodedata
 import numpy as np
 
 from pipeline.errors import DataError
+from pipeline.cli_types import at_least, coverage, positive_int
 
 DEFAULT_VOCAB_SIZE = 128000
 PAD, CLS, SEP, UNK, MASK = "[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"
@@ -189,15 +190,20 @@ def train(texts, model_prefix, vocab_size=DEFAULT_VOCAB_SIZE, sample_size=1_000_
     sentences = [s for s in sentences if s]
     if not sentences:
         raise DataError("no text to train the tokenizer on")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_prefix=str(model_prefix), model_type="unigram",
-        vocab_size=vocab_size, character_coverage=character_coverage, num_threads=num_threads,
-        pad_id=0, pad_piece=PAD, bos_id=1, bos_piece=CLS, eos_id=2, eos_piece=SEP, unk_id=3, unk_piece=UNK,
-        # We normalize before training and before encoding (as transformers does); the model must not.
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
-        byte_fallback=False, input_sentence_size=0, shuffle_input_sentence=False,
-        max_sentence_length=max_sentence_bytes, hard_vocab_limit=True, minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences), model_prefix=str(model_prefix), model_type="unigram",
+            vocab_size=vocab_size, character_coverage=character_coverage, num_threads=num_threads,
+            pad_id=0, pad_piece=PAD, bos_id=1, bos_piece=CLS, eos_id=2, eos_piece=SEP, unk_id=3, unk_piece=UNK,
+            # We normalize before training and before encoding (as transformers does); the model must not.
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+            byte_fallback=False, input_sentence_size=0, shuffle_input_sentence=False,
+            max_sentence_length=max_sentence_bytes, hard_vocab_limit=True, minloglevel=2,
+        )
+    except RuntimeError as error:  # e.g. "Vocabulary size too high": more pieces than the text has
+        first = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise DataError(f"sentencepiece cannot train a {vocab_size}-piece model on these {len(sentences)} texts "
+                        f"({first}); lower --vocab-size or give more text") from None
     return f"{model_prefix}.model"
 
 
@@ -211,16 +217,16 @@ def add_arguments(parser):
     sources.add_source_arguments(trainer)
     trainer.add_argument("--output", required=True,
                          help="model prefix: writes PREFIX.model and PREFIX.vocab (e.g. out/spm)")
-    trainer.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
+    trainer.add_argument("--vocab-size", type=at_least(8), default=DEFAULT_VOCAB_SIZE,
                          help="sentencepiece pieces, specials included; [MASK] gets this id "
                               "(default %(default)s)")
-    trainer.add_argument("--sample-size", type=int, default=1_000_000,
+    trainer.add_argument("--sample-size", type=positive_int, default=1_000_000,
                          help="documents sampled (reservoir, uniform) from the stream to train on "
                               "(default %(default)s)")
     trainer.add_argument("--seed", type=int, default=0, help="sampling and training seed (default %(default)s)")
-    trainer.add_argument("--character-coverage", type=float, default=0.9995,
+    trainer.add_argument("--character-coverage", type=coverage, default=0.9995,
                          help="share of characters the vocabulary must cover (default %(default)s)")
-    trainer.add_argument("--threads", type=int, default=1, help="sentencepiece trainer threads (default %(default)s)")
+    trainer.add_argument("--threads", type=positive_int, default=1, help="sentencepiece trainer threads (default %(default)s)")
     encoder = sub.add_parser("encode", help="print the ids and pieces of a text (for inspection)")
     encoder.add_argument("--model", required=True, help="the spm.model file")
     encoder.add_argument("text", nargs="+", help="text to encode; two texts are encoded as a pair")

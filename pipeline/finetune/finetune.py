@@ -40,6 +40,7 @@ import time
 import numpy as np
 import torch
 
+from pipeline.cli_types import at_least, positive_float, positive_int
 from pipeline.errors import ConfigError
 
 TASK_NAMES = "BoolQ, CB, COPA, MultiRC, ReCoRD, RTE, WiC, WSC or MNLI"
@@ -69,16 +70,16 @@ def add_arguments(parser):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting (JSON value; dotted keys for nested ones, e.g. "
                         "sift.vat_lambda=3); repeatable")
-    parser.add_argument("--lr", type=float, help="peak learning rate (preset: lr)")
-    parser.add_argument("--batch-size", type=int, help="global batch size, all ranks together (preset: batch_size)")
-    parser.add_argument("--micro-batch-size", type=int,
+    parser.add_argument("--lr", type=positive_float, help="peak learning rate (preset: lr)")
+    parser.add_argument("--batch-size", type=positive_int, help="global batch size, all ranks together (preset: batch_size)")
+    parser.add_argument("--micro-batch-size", type=positive_int,
                         help="examples per rank per forward (default: batch size / ranks; the rest is gradient "
                         "accumulation)")
-    parser.add_argument("--eval-batch-size", type=int, help="examples per forward in evaluation (default: the micro-batch size)")
-    parser.add_argument("--epochs", type=int, help="training epochs (preset: epochs)")
-    parser.add_argument("--warmup-steps", type=int, help="optimizer steps of linear warmup (preset: warmup_steps)")
+    parser.add_argument("--eval-batch-size", type=positive_int, help="examples per forward in evaluation (default: the micro-batch size)")
+    parser.add_argument("--epochs", type=positive_int, help="training epochs (preset: epochs)")
+    parser.add_argument("--warmup-steps", type=at_least(0), help="optimizer steps of linear warmup (preset: warmup_steps)")
     parser.add_argument("--cls-drop-out", type=float, help="dropout before the classifier (preset: cls_drop_out)")
-    parser.add_argument("--max-seq-len", type=int, help="tokens per sequence, [CLS] and [SEP] included (preset)")
+    parser.add_argument("--max-seq-len", type=at_least(4), help="tokens per sequence, [CLS] and [SEP] included (preset)")
     parser.add_argument("--seed", type=int, help="random seed (default 42)")
     parser.add_argument("--attention-impl", choices=ATTENTION_IMPLS,
                         help="attention implementation (default: the release's; model/attention.py)")

@@ -16,6 +16,7 @@ import json
 import os
 
 from pipeline.errors import ConfigError, ReleaseError
+from pipeline.cli_types import at_least, positive_int
 
 DEFAULT_MAX_SEQ_LEN = 256
 
@@ -31,10 +32,10 @@ def add_arguments(parser):
                         help="where <Task>.jsonl is written (predictions of a split other than test: OUT/<split>/)")
     parser.add_argument("--split", default="test", help="split to predict (default: test)")
     parser.add_argument("--tokenizer", help="sentencepiece model (default: spm.model in the model directory)")
-    parser.add_argument("--max-seq-len", type=int,
+    parser.add_argument("--max-seq-len", type=at_least(4),
                         help="tokens per sequence (default: the preset of the task, or of the task whose model "
                         f"predicts it; {DEFAULT_MAX_SEQ_LEN} without one)")
-    parser.add_argument("--batch-size", type=int, default=32, help="sequences per forward (default 32)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="sequences per forward (default 32)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")

@@ -4,13 +4,14 @@ import os
 from pipeline.errors import LaunchError
 from pipeline.io import atomic_write
 from pipeline.launch.env import _int, parse_tasks_per_node, slurm_hostnames
+from pipeline.cli_types import positive_int
 
 
 def add_arguments(parser):
     parser.add_argument("--output", "-o", default="hostfile",
                         help="where to write the hostfile (default: ./hostfile); written to a temporary "
                         "name in the same directory, then renamed, so readers never see half a file")
-    parser.add_argument("--slots", type=int, default=None,
+    parser.add_argument("--slots", type=positive_int, default=None,
                         help="slots (processes, normally GPUs) per host; default: SLURM_GPUS_ON_NODE, "
                         "else SLURM_NTASKS_PER_NODE, else each node's count in SLURM_TASKS_PER_NODE, else 1")
     parser.add_argument("--nodelist", default=None,

@@ -8,6 +8,7 @@ import os
 
 from pipeline.ds_config import batch_fields, complete_ds_config, load_ds_config, offloads_optimizer
 from pipeline.errors import ConfigError, DataError
+from pipeline.io import make_dirs
 from pipeline.train.config import RunConfig
 from pipeline.train.engine import stepper_class
 
@@ -42,6 +43,8 @@ def complete_for_run(run, ds, dp_size, source):
 def prepare(args, world_size):
     """(run config, completed DeepSpeed config), or a DebertaDSError naming what is wrong."""
     run = RunConfig.from_file(args.config, run_overrides(args))
+    ds, source = load_ds_config(args.deepspeed, args.ds)
+    ds = complete_for_run(run, ds, dp_size_of(run, world_size), source)
     if not run.output_dir:
         raise ConfigError("no output directory: give --output-dir or output_dir in the run config")
     if not run.data_dir or not os.path.isdir(run.data_dir):
@@ -52,8 +55,8 @@ def prepare(args, world_size):
         raise DataError(f"{run.tokenizer_path()}: no tokenizer (the shard directory carries spm.model; or set tokenizer)")
     if run.init_from_release and not os.path.isdir(run.init_from_release):
         raise ConfigError(f"init_from_release {run.init_from_release!r}: no such release directory")
-    ds, source = load_ds_config(args.deepspeed, args.ds)
-    return run, complete_for_run(run, ds, dp_size_of(run, world_size), source)
+    make_dirs(run.output_dir, "run directory")  # last: a refused run leaves nothing behind
+    return run, ds
 
 
 def check_job(args):

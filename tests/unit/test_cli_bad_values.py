@@ -1,0 +1,117 @@
+"""Every option of every subcommand, given a bad value: one line naming the option or the file and the problem,
+a non-zero exit, no traceback (in process, through pipeline.cli.main as `deberta-ds` runs it).
+
+The walk covers each option with a type or a set of choices automatically; the table below adds the values
+that only the command itself can judge (settings, files, paths)."""
+import argparse
+import importlib
+
+import pytest
+
+from pipeline import cli
+
+# a start that passes argparse for each command, so that the one bad value is the only problem
+REQUIRED = {
+    "corpus": ["--output", "{tmp}/corpus"],
+    "tokenizer": ["train", "--output", "{tmp}/spm", "--input", "{tmp}/none.txt"],
+    "preprocess": ["--tokenizer", "{tmp}/spm.model", "--output-dir", "{tmp}/shards", "--input", "{tmp}/none.txt"],
+    "plan": ["--config", "xxlarge"],
+    "pretrain": ["--config", "tiny_cpu", "--deepspeed", "cpu_zero3_fp32", "--output-dir", "{tmp}/run"],
+    "convert": ["to-release", "--checkpoint", "{tmp}/ckpt", "--output", "{tmp}/release"],
+    "finetune": ["--task", "CB", "--release", "{tmp}/release", "--output-dir", "{tmp}/out"],
+    "predict": ["--task", "CB", "--model", "{tmp}/release", "--output-dir", "{tmp}/out"],
+    "hostfile": ["--nodelist", "node1"],
+    "launch": ["env"],
+}
+BAD_FOR_TYPE = "x1"          # no int, no float, no size
+SKIP = {"--help", "--local_rank"}
+
+
+def run_cli(argv, capsys):
+    try:
+        code = cli.main(argv)
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err
+    return code, err
+
+
+def one_line_error(code, err, *fragments):
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert code not in (0, None) and len(lines) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def typed_options():
+    """(command, prefix argv, option, bad value) for every option with a type or choices."""
+    cases = []
+    for name, (module_name, _) in cli.COMMANDS.items():
+        module = importlib.import_module(module_name)
+        parser = cli.Parser(prog=f"deberta-ds {name}")
+        module.add_arguments(parser)
+        parsers = [(parser, [])]
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers = [(p, [sub]) for sub, p in action.choices.items()]
+        for sub_parser, prefix in parsers:
+            for action in sub_parser._actions:
+                option = next((o for o in action.option_strings if o.startswith("--")), None)
+                if option is None or option in SKIP or not (action.type or action.choices):
+                    continue
+                cases.append((name, prefix, option, "nonsense" if action.choices else BAD_FOR_TYPE))
+    return cases
+
+
+@pytest.mark.parametrize("command, prefix, option, value", typed_options(),
+                         ids=lambda v: v if isinstance(v, str) else None)
+def test_every_typed_option_refuses_a_bad_value_in_one_line(command, prefix, option, value, capsys, tmp_path):
+    base = [a.format(tmp=tmp_path) for a in REQUIRED[command]]
+    argv = [command] + (base if not prefix else base) + [option, value]
+    code, err = run_cli(argv, capsys)
+    one_line_error(code, err, f"argument {option}")
+    assert code == 2
+
+
+SEMANTIC = [
+    (["pretrain", "--set", "max_steps=abc"], 'max_steps: expected an integer, got "abc"'),
+    (["pretrain", "--set", "max_steps=1.5"], "max_steps: expected an integer, got 1.5"),
+    (["pretrain", "--set", "lr=abc"], 'lr: expected a number, got "abc"'),
+    (["pretrain", "--set", "model_overrides.hiden_size=32"], "model_overrides: unknown setting 'hiden_size'"),
+    (["pretrain", "--set", "max_step=3"], "unknown setting 'max_step' (did you mean 'max_steps'?)"),
+    (["pretrain", "--set", "lr"], "--set 'lr': expected KEY=VALUE"),
+    (["pretrain", "--ds", "gradient_clippingg=1.0"], "unknown DeepSpeed setting 'gradient_clippingg' (did you mean 'gradient_clipping'?)"),
+    (["pretrain", "--config", "tiny_cpux"], "tiny_cpux: no such run config file"),
+    (["pretrain", "--data-dir", "{tmp}/nowhere"], "does not exist (give --data-dir)"),
+    (["finetune", "--set", "epocs=3"], "unknown setting 'epocs' (did you mean 'epochs'?)"),
+    (["finetune", "--set", "sift.vat_lamda=3"], "sift: unknown setting 'vat_lamda'"),
+    (["finetune", "--set", "lr=abc"], 'lr: expected a number, got "abc"'),
+    (["finetune", "--set", "batch_size=0"], "batch_size must be at least 1, got 0"),
+    (["finetune", "--deepspeed", "finetune_cpux"], "finetune_cpux: no such DeepSpeed config file"),
+    (["finetune", "--task", "SQuAD"], "--task SQuAD: unknown task"),
+    (["predict", "--task", "MNLI"], "MNLI is the intermediate task"),
+    (["predict", "--task", "SQuAD"], "--task SQuAD: unknown task"),
+    (["convert", "--max-shard-size", "lots"], "--max-shard-size 'lots': not a size"),
+    (["convert"], "{tmp}/ckpt: no such directory"),
+    (["plan", "--nodes", "0"], "argument --nodes: must be at least 1, got 0"),
+    (["plan", "--gpu-memory-gb", "-1"], "argument --gpu-memory-gb: must be positive, got -1"),
+    (["plan", "--set", "lr=x"], 'lr: expected a number, got "x"'),
+    (["tokenizer", "--vocab-size", "3"], "argument --vocab-size: must be at least 8, got 3"),
+    (["tokenizer"], "{tmp}/none.txt: no such file"),
+    (["preprocess", "--max-seq-len", "1"], "argument --max-seq-len: must be at least 3, got 1"),
+    (["preprocess", "--workers", "0"], "argument --workers: must be at least 1, got 0"),
+    (["corpus", "--max-bytes", "0"], "argument --max-bytes: must be at least 1, got 0"),
+    (["corpus", "--output", "/proc/deberta-ds-test/corpus"], "/proc/deberta-ds-test/corpus: cannot create the corpus directory"),
+    (["hostfile", "--slots", "0"], "argument --slots: must be at least 1, got 0"),
+    (["pretrain", "--nodes", "0", "--check-only"], "argument --nodes: must be at least 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("argv, message", SEMANTIC, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_values_only_the_command_can_judge_are_refused_in_one_line(argv, message, capsys, tmp_path):
+    command, extra = argv[0], argv[1:]
+    base = [a.format(tmp=tmp_path) for a in REQUIRED[command]]
+    if extra and not extra[0].startswith("--"):
+        base = base[1:] if command in ("tokenizer", "convert") else base
+    code, err = run_cli([command] + base + [a.format(tmp=tmp_path) for a in extra], capsys)
+    one_line_error(code, err, message.format(tmp=tmp_path))
