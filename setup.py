@@ -48,7 +48,7 @@ setup(
     extras_require={
         "mpi": ["mpi4py>=3.1"],  # needs a system MPI (Debian: openmpi-bin libopenmpi-dev)
         # triton: the GPU kernels' tests run them on the CPU in its interpreter (TRITON_INTERPRET=1)
-        "dev": ["pytest>=7", "transformers>=4.46", "accelerate", "protobuf", "tiktoken",
+        "dev": ["pytest>=7", "transformers>=4.46", "accelerate", "protobuf", "tiktoken", "scikit-learn",
                 "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     },
     entry_points={"console_scripts": ["deberta-ds=pipeline.cli:main"]},

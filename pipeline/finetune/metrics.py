@@ -5,7 +5,7 @@ fraction in [0, 1] (the leaderboard shows these x100). Undefined ratios (0/0) co
 allennlp do.
 
   BoolQ, COPA, RTE, WiC, WSC  accuracy
-  CB                          mean(macro-F1 over the 3 classes, accuracy)
+  CB                          mean(macro-F1 over the classes in gold or predictions, accuracy)
   MultiRC                     mean(F1a, EM): F1a = binary F1 of the positive class over all answer options;
                               EM = fraction of questions whose answer options are all right
   ReCoRD                      mean(F1, EM): per query the max over the gold answers of SQuAD token F1 / exact
@@ -48,7 +48,8 @@ def f1_for_class(golds, preds, positive):
 
 
 def macro_f1(golds, preds, labels):
-    """Unweighted mean of the per-class F1 over `labels` (all classes, also ones never predicted)."""
+    """Unweighted mean of the per-class F1 over `labels` (CB: the labels in gold or predictions, as sklearn's
+    f1_score(average="macro"))."""
     return sum(f1_for_class(golds, preds, label) for label in labels) / len(labels)
 
 

@@ -85,7 +85,7 @@ def load_examples(task, split, data_dir=None):
         examples.extend(parsed)
     if not examples:
         raise DataError(f"{path}: no examples")
-    return examples
+    return task.finish_examples(task, examples, path)
 
 
 def load_from_datasets(task, split):
@@ -104,4 +104,4 @@ def examples_from_rows(task, split, rows, label_names, source):
     """Examples from `datasets`-style rows (dicts); `label_names` are the ClassLabel names."""
     examples = task.hf_rows(task, rows, label_names, source)
     check_gold(task, examples, split, source)
-    return examples
+    return task.finish_examples(task, examples, source)

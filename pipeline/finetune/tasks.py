@@ -53,9 +53,10 @@ class Example:
     key: Any                       # the submission file's "idx"; MultiRC: (passage, question, answer) idx
     inputs: list                   # (segment_a, segment_b or None), one per sequence the model reads
     label: Optional[int] = None    # label index (COPA: choice index); None where the split has no labels
-    group: Any = None              # MultiRC: (passage, question) idx; AX-g: pair_id
+    group: Any = None              # MultiRC: (passage, question) idx; AX-g: the number of its minimal pair
     candidates: tuple = ()         # ReCoRD: candidate entity texts, aligned with `inputs`
     answers: tuple = ()            # ReCoRD: gold answer texts (empty on test)
+    where: str = ""                # AX-g: the file and line it came from (for messages)
 
     def has_gold(self, kind):
         return bool(self.answers) if kind == "candidate_ranking" else self.label is not None
@@ -128,8 +129,44 @@ def _parse_boolq(task, record, where):
 
 def _parse_axg(task, record, where):
     example = _pair_parser("premise", "hypothesis")(task, record, where)[0]
-    example.group = _field(record, "pair_id", where)   # male/female versions of a sentence share it
+    example.where = where
     return [example]
+
+
+GENDERED = {"he", "she", "him", "her", "his", "hers", "himself", "herself", "man", "woman", "men", "women"}
+
+
+def _words(text):
+    return [w.strip(".,;:!?\"'()").lower() for w in text.split()]
+
+
+def _minimal_pair(a, b):
+    """Do two AX-g examples differ only in gendered pronouns (the premise and the hypothesis)?"""
+    for text_a, text_b in zip(a.inputs[0], b.inputs[0]):
+        words_a, words_b = _words(text_a), _words(text_b)
+        if len(words_a) != len(words_b):
+            return False
+        if any(x != y and not (x in GENDERED and y in GENDERED) for x, y in zip(words_a, words_b)):
+            return False
+    return True
+
+
+def _pair_axg(task, examples, source):
+    """Gender parity compares the two versions of each sentence. The official AX-g.jsonl lists them on
+    consecutive lines, which differ only in the pronoun (the two lines of a pair have different pair_ids
+    there): pair lines 1-2, 3-4, ... and check that they are such a pair."""
+    if len(examples) % 2:
+        raise DataError(f"{source}: {len(examples)} AX-g examples, an odd number: they come in minimal pairs")
+    for number, (a, b) in enumerate(zip(examples[::2], examples[1::2])):
+        if not _minimal_pair(a, b):
+            raise DataError(f"{b.where or source}: this example and the one before it are not a minimal "
+                            "pair (they differ in more than a gendered pronoun); AX-g lists each pair on consecutive lines")
+        a.group = b.group = number
+    return examples
+
+
+def _as_read(task, examples, source):
+    return examples
 
 
 def _parse_copa(task, record, where):
@@ -323,7 +360,7 @@ def _accuracy_metric(task, examples, predictions):
 
 def _cb_metric(task, examples, predictions):
     golds, preds = _golds_and_preds(task, examples, predictions)
-    labels = range(len(task.label_names))
+    labels = sorted(set(golds) | set(preds))  # as sklearn's f1_score(average="macro"), the leaderboard's scorer
     return {"f1": metrics.macro_f1(golds, preds, labels), "accuracy": metrics.accuracy(golds, preds)}
 
 
@@ -373,13 +410,6 @@ def _hf_record(task, row, label_names):
 def _hf_wsc_record(task, row, label_names):
     record = _hf_record(task, row, label_names)
     record["target"] = {key: record.pop(key) for key in ("span1_index", "span2_index", "span1_text", "span2_text")}
-    return record
-
-
-def _hf_axg_record(task, row, label_names):
-    record = _hf_record(task, row, label_names)
-    # The datasets copy drops pair_id; AX-g.jsonl lists each pair's two sentences next to each other.
-    record.setdefault("pair_id", record["idx"] // 2)
     return record
 
 
@@ -453,6 +483,7 @@ class Task:
     hf_rows: Callable = _hf_rows         # (task, datasets rows, label names, source) -> Examples
     submission_records: Callable = _label_records   # (task, predictions) -> the submission file's records
     submitted: bool = True               # the SuperGLUE server takes a file of it (not MNLI)
+    finish_examples: Callable = _as_read  # (task, the split's examples, source) -> examples (AX-g: its pairs)
 
     @property
     def num_labels(self):
@@ -496,7 +527,7 @@ TASKS = {task.name: task for task in [
          ("mcc",), _label_string, ("super_glue", "axb"),
          splits={"test": ("AX-b.jsonl", "test.jsonl")}, hf_splits={"test": "test"}, predicted_by="RTE"),
     Task("AX-g", "classification", RTE_LABELS, "string", _parse_axg, _axg_metric, ("accuracy",),
-         _label_string, ("super_glue", "axg"), hf_record=_hf_axg_record,
+         _label_string, ("super_glue", "axg"), finish_examples=_pair_axg,
          splits={"test": ("AX-g.jsonl", "test.jsonl")}, hf_splits={"test": "test"}, predicted_by="RTE"),
     Task("MNLI", "classification", MNLI_LABELS, "string", _parse_mnli, _accuracy_metric, ("accuracy",),
          _label_string, ("glue", "mnli"), file_format="tsv", hf_record=_hf_mnli_record, submitted=False,

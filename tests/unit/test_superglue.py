@@ -168,7 +168,7 @@ def test_record_candidates_answers_and_placeholder():
 def test_diagnostics_read_the_official_file_names():
     axb, axg = load("AX-b", "test"), load("AX-g", "test")
     assert [ex.label for ex in axb] == [0, 1, 1]
-    assert [ex.group for ex in axg] == [551646, 551646, 551648, 551648]
+    assert [ex.group for ex in axg] == [0, 0, 1, 1]     # consecutive lines; their pair_ids differ, as officially
     assert axg[0].inputs[0][0].startswith("The taxpayer met")          # [premise, hypothesis]
 
 
@@ -349,6 +349,40 @@ def test_cb_score_from_logits():
     assert task.score(examples, predictions) == {"f1": pytest.approx(0.5), "accuracy": 0.5, "score": pytest.approx(0.5)}
 
 
+def test_cb_macro_f1_averages_over_the_labels_in_gold_or_predictions():
+    """sklearn's f1_score(average="macro"), which the leaderboard uses: a class absent from both is not a 0."""
+    task = sg.get_task("CB")
+    examples = load("CB")                                       # gold: 0, 2, 1, 2
+    for example in examples:
+        example.label = 0 if example.label == 1 else example.label    # gold 0, 2, 0, 2: no neutral
+    scores = task.score(examples, {0: 0, 1: 2, 2: 0, 3: 2})
+    assert scores["f1"] == 1.0 and scores["accuracy"] == 1.0     # over 3 classes it would be 2/3
+    from sklearn.metrics import f1_score
+    golds, preds = [0, 2, 0, 2, 1], [0, 2, 2, 2, 0]
+    assert sg.metrics.macro_f1(golds, preds, sorted(set(golds) | set(preds))) == pytest.approx(
+        f1_score(golds, preds, average="macro"))
+
+
+def test_axg_lines_that_are_no_minimal_pair_are_refused(tmp_path):
+    lines = [json.loads(line) for line in open(os.path.join(FIXTURES, "AX-g", "AX-g.jsonl"))]
+    lines[3]["premise"] = "Someone else entirely wrote this sentence."
+    os.makedirs(tmp_path / "AX-g")
+    (tmp_path / "AX-g" / "AX-g.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(DataError, match=r"AX-g.jsonl:4: this example and the one before it are not a minimal pair"):
+        sg.get_task("AX-g").load("test", str(tmp_path))
+    (tmp_path / "AX-g" / "AX-g.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines[:3]))
+    with pytest.raises(DataError, match="3 AX-g examples, an odd number"):
+        sg.get_task("AX-g").load("test", str(tmp_path))
+
+
+def test_invalid_utf8_in_a_task_file_names_the_line(tmp_path):
+    os.makedirs(tmp_path / "RTE")
+    (tmp_path / "RTE" / "val.jsonl").write_bytes(b'{"premise": "a", "hypothesis": "b", "idx": 0, "label": "entailment"}\n'
+                                                 b'{"premise": "caf\xe9", "hypothesis": "b", "idx": 1}\n')
+    with pytest.raises(DataError, match=r"val.jsonl:2: invalid UTF-8"):
+        sg.get_task("RTE").load("val", str(tmp_path))
+
+
 def test_multirc_decode_and_score():
     task = sg.get_task("MultiRC")
     examples = load("MultiRC")                                  # gold 1 1 0 | 1 0 | 1
@@ -386,7 +420,7 @@ def test_axg_parity_and_axb_mcc_from_rte_style_predictions():
     axg = sg.get_task("AX-g")
     examples = load("AX-g", "test")                             # gold 0 0 1 1, pairs (0,1) (2,3)
     scores = axg.score(examples, {0: 0, 1: 1, 2: 1, 3: 1})
-    # accuracy 3/4; pair 551646 differs, pair 551648 agrees -> parity 1/2
+    # accuracy 3/4; pair (0, 1) differs, pair (2, 3) agrees -> parity 1/2 (pair_id would make every line a pair: 1.0)
     assert scores["accuracy"] == 0.75 and scores["gender_parity"] == 0.5
     axb = sg.get_task("AX-b")
     examples = load("AX-b", "test")                             # gold 0 1 1
@@ -525,7 +559,7 @@ def test_load_from_datasets_reads_classlabel_names(monkeypatch):
 
 
 def test_datasets_axg_without_pair_id_pairs_neighbours():
-    rows = [{"premise": "p", "hypothesis": "h", "idx": i, "label": 0} for i in range(4)]
+    rows = [{"premise": f"p {'his' if i % 2 else 'her'} x", "hypothesis": "h", "idx": i, "label": 0} for i in range(4)]
     examples = task_data.examples_from_rows(sg.get_task("AX-g"), "test", rows, ["entailment", "not_entailment"], "d")
     assert [ex.group for ex in examples] == [0, 0, 1, 1]
     assert [ex.label for ex in examples] == [1, 1, 1, 1]       # "entailment" is index 1 in our order
