@@ -29,16 +29,39 @@ KEYWORD = "return"
 
 
 def step(title, args, log_name):
-    print(f"\n== {title}\n$ {' '.join(args)}", flush=True)
+    """Run one command with its output in logs/LOG_NAME, showing where that is and, while it runs, its latest
+    line (in place on a terminal, every 15 s otherwise)."""
+    log_path = os.path.join(OUT, "logs", log_name)
+    print(f"\n== {title}\n$ {' '.join(args)}\n   log: {log_path}", flush=True)
     started = time.time()
-    with open(os.path.join(OUT, "logs", log_name), "w") as log:
-        result = subprocess.run(args, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        print(f"failed (exit {result.returncode}); the end of {os.path.join(OUT, 'logs', log_name)}:")
-        with open(os.path.join(OUT, "logs", log_name)) as log:
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+        shown = time.time()
+        while process.poll() is None:
+            time.sleep(1)
+            latest = last_line(log_path)
+            if sys.stdout.isatty():
+                print(f"\r   {time.time() - started:4.0f} s  {latest[:100]:<100}", end="", flush=True)
+            elif time.time() - shown >= 15:
+                print(f"   {time.time() - started:4.0f} s  {latest[:100]}", flush=True)
+                shown = time.time()
+    if sys.stdout.isatty():
+        print("\r" + " " * 112 + "\r", end="")
+    if process.returncode != 0:
+        print(f"failed (exit {process.returncode}); the end of {log_path}:")
+        with open(log_path) as log:
             print("".join(log.readlines()[-40:]))
         sys.exit(1)
     print(f"   done in {time.time() - started:.0f} s")
+
+
+def last_line(path):
+    """The log's last line with text (progress bars rewrite their line with carriage returns)."""
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 4000))
+        text = f.read().decode("utf-8", "replace").replace("\r", "\n")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output yet)"
 
 
 def cli(*args):

@@ -40,9 +40,9 @@ setup_python() {
   export PYTHONPATH=$WORKDIR${PYTHONPATH:+:$PYTHONPATH}
   # Logs of several ranks and of this shell interleave in one file: no block buffering.
   export PYTHONUNBUFFERED=1
-  # DeepSpeed JIT-compiles its ops (shm_comm, fused_adam, cpu_adam) on first use; a cache in the
-  # (shared) home directory builds each once per cluster, not once per job and node.
-  export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}
+  # DeepSpeed JIT-compiles its ops (shm_comm, fused_adam, cpu_adam) on first use: where TORCH_EXTENSIONS_DIR
+  # is unset, `deberta-ds` builds them into a cache of this Python environment in the (shared) home directory,
+  # once per cluster and environment, not once per job, node or launch.
   # NCCL: a failed or timed-out collective aborts the rank, so the job ends (and can be requeued)
   # instead of hanging until its time limit. pipeline/launch/ sets it too; set here for any step.
   export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}

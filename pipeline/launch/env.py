@@ -37,6 +37,8 @@ rendezvous read. Sources, first match wins:
   such as the deepspeed launcher runs as one Slurm task per node and starts the ranks itself), else the CPUs this process may use divided by the
   ranks on this node (at least 1): several ranks with one OpenMP pool each the size of the machine
   thrash.
+- TORCH_EXTENSIONS_DIR = a cache of DeepSpeed's JIT-built ops of this Python environment alone
+  (extensions_cache): environments that shared torch's default rebuilt the ops at almost every launch.
 - TORCH_NCCL_ASYNC_ERROR_HANDLING=1: a rank whose NCCL collective fails or times out aborts the
   process, so the job ends (and Slurm can requeue it) instead of hanging until its time limit.
   (torch >= 2.2 reads this name; older torch read NCCL_ASYNC_ERROR_HANDLING, which newer torch
@@ -47,10 +49,12 @@ NCCL picked) in the job script when the cluster needs them. On CPU only machines
 GLOO_SOCKET_IFNAME plays the role of NCCL_SOCKET_IFNAME there.
 """
 import dataclasses
+import hashlib
 import os
 import re
 import socket
 import subprocess
+import sys
 
 from pipeline.errors import LaunchError
 
@@ -323,7 +327,7 @@ def export_env(env, environ=None):
 
 
 def apply_runtime_defaults(env, environ=None):
-    """Set OMP_NUM_THREADS and TORCH_NCCL_ASYNC_ERROR_HANDLING where unset (module docstring).
+    """Set OMP_NUM_THREADS, TORCH_NCCL_ASYNC_ERROR_HANDLING and TORCH_EXTENSIONS_DIR where unset (module docstring).
 
     Returns the dict of variables it set (empty when all were already set).
     """
@@ -342,6 +346,7 @@ def apply_runtime_defaults(env, environ=None):
     wanted = {
         "OMP_NUM_THREADS": str(max(cpus, 1)),
         "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+        "TORCH_EXTENSIONS_DIR": extensions_cache(),
     }
     applied = {}
     for name, value in wanted.items():
@@ -351,6 +356,15 @@ def apply_runtime_defaults(env, environ=None):
     return applied
 
 
+def extensions_cache(prefix=None):
+    """This Python environment's own cache of DeepSpeed's JIT-built ops: ~/.cache/torch_extensions/deberta-ds-
+    <environment>-<hash of its path>. torch's default is shared by every environment of one Python version, and
+    an op built by another environment (other include paths, another torch) is built again at every launch that
+    alternates between them."""
+    prefix = os.path.realpath(prefix or sys.prefix)
+    digest = hashlib.sha256(prefix.encode()).hexdigest()[:10]
+    return os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions",
+                        f"deberta-ds-{os.path.basename(prefix)}-{digest}")
 
 
 def setup_distributed(local_rank=None):

@@ -182,8 +182,9 @@ def test_runtime_defaults_only_fill_gaps():
     env = DistEnv(0, 2, 0, 2, 0, "127.0.0.1", 1, "slurm")
     environ = {"SLURM_CPUS_PER_TASK": "3"}
     assert launch.apply_runtime_defaults(env, environ) == {"OMP_NUM_THREADS": "3",
-                                                           "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
-    environ = {"OMP_NUM_THREADS": "7", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"}
+                                                           "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+                                                           "TORCH_EXTENSIONS_DIR": launch.extensions_cache()}
+    environ = {"OMP_NUM_THREADS": "7", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "0", "TORCH_EXTENSIONS_DIR": "/ops"}
     assert launch.apply_runtime_defaults(env, environ) == {}
     assert environ["OMP_NUM_THREADS"] == "7"
     # the deepspeed launcher as one Slurm task per node (--cpus-per-task=8) with 4 ranks: 2 threads each
@@ -234,3 +235,15 @@ def test_write_hostfile_is_atomic_and_complete(tmp_path):
     hostfile.write_hostfile(str(path), ["node1", "node2"], [2, 1])
     assert path.read_text() == "node1 slots=2\nnode2 slots=1\n"
     assert os.listdir(path.parent) == ["hostfile"]  # no temp file left behind
+
+
+def test_each_python_environment_gets_its_own_op_cache_where_none_is_set(tmp_path):
+    one, other = launch.extensions_cache(str(tmp_path / "venv-a")), launch.extensions_cache(str(tmp_path / "venv-b"))
+    assert one != other and one == launch.extensions_cache(str(tmp_path / "venv-a"))
+    assert os.path.basename(one).startswith("deberta-ds-venv-a-")
+    env = DistEnv(0, 1, 0, 1, 0, "127.0.0.1", 29500, "single")
+    environ = {}
+    assert launch.apply_runtime_defaults(env, environ)["TORCH_EXTENSIONS_DIR"] == launch.extensions_cache()
+    kept = {"TORCH_EXTENSIONS_DIR": "/shared/ops"}
+    launch.apply_runtime_defaults(env, kept)
+    assert kept["TORCH_EXTENSIONS_DIR"] == "/shared/ops"
