@@ -160,3 +160,15 @@ def test_an_output_directory_in_use_by_another_run_is_refused(tiny_release, cb_d
                  "--output-dir", str(out), *TRAIN_OPTIONS)
     one_line_error(result, "in use by another fine-tuning run", f"pid {os.getpid()}")
     assert sorted(os.listdir(out)) == ["deberta-ds.lock"]
+
+
+def test_predict_refuses_a_release_without_a_head_trained_for_the_task(tiny_release, finetuned, cb_data, tmp_path):
+    result = cli("predict", "--task", "CB", "--model", tiny_release, "--data-dir", cb_data, "--output-dir", str(tmp_path))
+    one_line_error(result, f"{tiny_release}: has no trained head for CB", "a pretraining release")
+    assert not os.listdir(tmp_path)
+    result = cli("predict", "--task", "BoolQ", "--model", os.path.join(finetuned[0], "best"), "--data-dir", cb_data,
+                 "--output-dir", str(tmp_path))
+    one_line_error(result, "fine-tuned for CB, not BoolQ")
+    config = json.load(open(os.path.join(finetuned[0], "best", "config.json")))
+    assert config["finetuning_task"] == "CB" and config["id2label"] == {"0": "contradiction", "1": "neutral",
+                                                                        "2": "entailment"}

@@ -239,3 +239,13 @@ def test_loading_holds_the_weights_about_once(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     growth = int(result.stdout.split()[-1])
     assert size > 250e6 and growth < 1.3 * size, (growth, size)
+
+
+def test_a_new_task_head_is_announced_by_its_keys(tmp_path, capsys):
+    config = preset("tiny", **SMALL)
+    _, ours = hf_and_ours(config, "mlm", emd=True)
+    save_release(ours, str(tmp_path / "rel"))
+    load_release(str(tmp_path / "rel"), task="classification", num_labels=3)
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'rel'}: new task head, initialised randomly: pooler.dense.weight, pooler.dense.bias, " \
+           "classifier.weight, classifier.bias" in err
