@@ -172,6 +172,17 @@ PRESETS = {
 }
 
 
+# DeBERTa-v3 discriminators (the official experiments/language_model/rtd_*.json); the generator of each has the
+# same width and half the depth (model/rtd.py generator_config_of). No conv, no absolute positions in the input.
+_V3 = dict(_V2, conv_kernel_size=0, conv_act="tanh", attention_head_size=64, vocab_size=128100)
+PRESETS.update({
+    "v3-xsmall": dict(_V3, hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),
+    "v3-small": dict(_V3, hidden_size=768, num_hidden_layers=6, num_attention_heads=12, intermediate_size=3072),
+    "v3-base": dict(_V3, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "v3-large": dict(_V3, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+})
+
+
 def preset(name: str, **overrides) -> DebertaConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")

@@ -34,14 +34,16 @@ class Embeddings(nn.Module):
 
     The absolute position table also exists when `position_table=True`: the Enhanced Mask Decoder
     adds it just before the MLM head, while v2 never adds it to the input. `word_table=False` leaves the
-    word table out (pipeline mode keeps it in a layer of its own, tied to the decoder); forward then
-    takes the word vectors as `inputs_embeds`."""
+    word table out (pipeline mode keeps it in a layer of its own, tied to the decoder; a v3 discriminator
+    sharing the generator's); forward then takes the word vectors as `inputs_embeds`. `word_std`: the word
+    table's initialisation (0: zeros, a GDES discriminator's delta)."""
 
-    def __init__(self, config, position_table=False, word_table=True):
+    def __init__(self, config, position_table=False, word_table=True, word_std=None):
         super().__init__()
         std = config.initializer_range
         if word_table:
-            self.word_embeddings = Embedding(config.vocab_size, config.embed_size, config.pad_token_id, std=std)
+            self.word_embeddings = Embedding(config.vocab_size, config.embed_size, config.pad_token_id,
+                                             std=std if word_std is None else word_std)
         self.position_biased_input = config.position_biased_input
         if config.position_biased_input or position_table:
             self.position_embeddings = Embedding(config.max_position_embeddings, config.embed_size, std=std)
@@ -52,8 +54,12 @@ class Embeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids=None, input_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None):
+    def forward(self, input_ids=None, input_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                added_embeds=None):
+        """added_embeds: vectors added to the word vectors (a v3 discriminator's shared generator rows, GDES)."""
         x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        if added_embeds is not None:
+            x = x + added_embeds
         if self.position_biased_input:
             if position_ids is None:
                 position_ids = torch.arange(x.shape[1], device=x.device)[None]
@@ -222,16 +228,16 @@ def token_mask(input_ids, attention_mask, inputs_embeds=None):
 class DebertaModel(nn.Module):
     """The encoder without a head: `last_hidden_state` [B, N, D]."""
 
-    def __init__(self, config, position_table=False):
+    def __init__(self, config, position_table=False, word_table=True, word_std=None):
         super().__init__()
         self.config = config
-        self.embeddings = Embeddings(config, position_table=position_table)
+        self.embeddings = Embeddings(config, position_table=position_table, word_table=word_table, word_std=word_std)
         self.encoder = Encoder(config)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, output_hidden_states=False, num_layers=None):
+                inputs_embeds=None, output_hidden_states=False, num_layers=None, added_embeds=None):
         input_mask = token_mask(input_ids, attention_mask, inputs_embeds)
-        emb = self.embeddings(input_ids, input_mask, token_type_ids, position_ids, inputs_embeds)
+        emb = self.embeddings(input_ids, input_mask, token_type_ids, position_ids, inputs_embeds, added_embeds)
         mask = attention_mask if attention_mask is not None and attention_mask.dim() == 3 else input_mask
         shared = self.encoder.attention_inputs(mask, emb.shape[1])
         states = self.encoder(emb, input_mask, shared, num_layers=num_layers)
