@@ -92,11 +92,22 @@ def replace_masked(input_ids, index, targets, sampled):
     return corrupted.view_as(input_ids), replaced.view_as(input_ids)
 
 
-def sample_tokens(logits, generator=None):
-    """One token per row of logits [M, V] from softmax(logits) (temperature 1), without gradient."""
+def sample_tokens(logits, generator=None, rows_of=None, seeds=None):
+    """One token per row of logits [M, V] from softmax(logits) (temperature 1), without gradient. With `seeds`
+    (one per sequence) and `rows_of` (each row's sequence), each sequence's draws come from a generator of its
+    own seed: they do not depend on how sequences are split into micro-batches or ranks."""
     with torch.no_grad():
         probs = torch.softmax(logits.float(), dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        if seeds is None:
+            return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        sampled = torch.empty(len(probs), dtype=torch.long, device=probs.device)
+        own = torch.Generator(device=probs.device)
+        for sequence, seed in enumerate(seeds.tolist()):
+            rows = (rows_of == sequence).nonzero(as_tuple=True)[0]
+            if len(rows):
+                own.manual_seed(seed)
+                sampled[rows] = torch.multinomial(probs[rows], 1, generator=own).squeeze(-1)
+        return sampled
 
 
 class RTDModel(nn.Module):
@@ -120,14 +131,16 @@ class RTDModel(nn.Module):
         rows = self.generator.deberta.embeddings.word_embeddings(input_ids)
         return rows.detach() if self.sharing == "gdes" else rows
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, sampled=None, sample_generator=None):
-        """sampled: the tokens to put at the masked positions (else drawn from the generator, with
-        sample_generator when given)."""
+    def forward(self, input_ids=None, attention_mask=None, labels=None, sampled=None, sample_seeds=None,
+                sample_generator=None):
+        """sampled: the tokens to put at the masked positions; else drawn from the generator's softmax, per
+        sequence from `sample_seeds` [B] when given (the loader's: a function of the sample), else from
+        sample_generator or torch's default generator."""
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         generated = self.generator(input_ids=input_ids, attention_mask=mask, labels=labels)
         index, targets = masked_positions(labels)
         if sampled is None:
-            sampled = sample_tokens(generated.logits, sample_generator)
+            sampled = sample_tokens(generated.logits, sample_generator, index // input_ids.shape[1], sample_seeds)
         corrupted, replaced = replace_masked(input_ids, index, targets, sampled)
         judged = self.discriminator(corrupted, mask, replaced, self.shared_rows(corrupted))
         loss = generated.loss + self.rtd_lambda * judged.loss

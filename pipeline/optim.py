@@ -27,10 +27,10 @@ def param_groups(module, weight_decay, lr=None):
     return [dict(params=decay, weight_decay=weight_decay, **extra), dict(params=plain, weight_decay=0.0, **extra)]
 
 
-def build_optimizer(module, lr, betas, eps, weight_decay, kind="adamw"):
-    """AdamW over param_groups: torch's (fused on CUDA), or "cpu_adam" (DeepSpeedCPUAdam, for optimizer
-    offload to the CPU)."""
-    groups = param_groups(module, weight_decay)
+def build_optimizer(module, lr, betas, eps, weight_decay, kind="adamw", groups=None):
+    """AdamW over param_groups (or the `groups` given: each its own learning rate): torch's (fused on CUDA), or
+    "cpu_adam" (DeepSpeedCPUAdam, for optimizer offload to the CPU)."""
+    groups = groups if groups is not None else param_groups(module, weight_decay)
     if kind == "cpu_adam":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         return DeepSpeedCPUAdam(groups, lr=lr, betas=tuple(betas), eps=eps, adamw_mode=True)

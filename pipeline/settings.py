@@ -158,10 +158,10 @@ def coerce(value, kind, where):
 
 def build_dataclass(cls, values, where, ignore=("comment",)):
     """cls(**values) with every key known (else refused, naming the closest known key) and every value of its
-    field's type. `where` names the source in messages: a file, or "--set"."""
+    field's type. `where` names the source in messages: a file, or "--set". Keys starting with "_" are notes."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
-    given = {k: v for k, v in values.items() if k not in ignore}
+    given = {k: v for k, v in values.items() if k not in ignore and not k.startswith("_")}  # "_source": notes
     for key in given:
         if key not in names:
             raise ConfigError(f"{where}: unknown setting {key!r}{closest(key, names)}")

@@ -21,6 +21,10 @@ from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import DataError
 
 MASK_PROB, KEEP_PROB, RANDOM_PROB = 0.8, 0.1, 0.1
+# what each objective masks: MLM (v2) whole-word spans of up to 3 words, 80/10/10; RTD (v3) single tokens, all
+# [MASK] (the official NGramMaskGenerator(max_gram=1, keep_prob=0, mask_prob=1))
+MASKINGS = {"mlm": dict(max_gram=3, mask_prob=MASK_PROB, keep_prob=KEEP_PROB),
+            "rtd": dict(max_gram=1, mask_prob=1.0, keep_prob=0.0)}
 MASK_RATE = 0.15
 MAX_GRAM = 3
 IGNORE_INDEX = -100
@@ -60,9 +64,11 @@ def rank_positions(consumed_samples, micro_batch_size, dp_rank, dp_size):
 class WholeWordMasker:
     """Dynamic span masking over whole words (spec §4.1), deterministic in (seed, epoch, sample id)."""
 
-    def __init__(self, tokenizer, max_seq_len, seed, mask_rate=MASK_RATE, max_gram=MAX_GRAM):
+    def __init__(self, tokenizer, max_seq_len, seed, mask_rate=MASK_RATE, max_gram=MAX_GRAM, mask_prob=MASK_PROB,
+                 keep_prob=KEEP_PROB):
         self.mask_id, self.vocab_size = tokenizer.mask_id, tokenizer.vocab_size
         self.seed, self.mask_rate, self.max_gram = seed, mask_rate, max_gram
+        self.mask_prob, self.keep_prob = mask_prob, keep_prob
         self.max_predictions = math.ceil(max_seq_len * mask_rate / 10) * 10  # 80 for 512
         self.is_special = tokenizer.is_special
         pieces = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.spm_size)] + ["[MASK]"]
@@ -114,9 +120,9 @@ class WholeWordMasker:
                 break
             for position in units[unit_index]:
                 draw = rng.random()
-                if draw < MASK_PROB:
+                if draw < self.mask_prob:
                     inputs[position] = self.mask_id
-                elif draw >= MASK_PROB + KEEP_PROB:
+                elif draw >= self.mask_prob + self.keep_prob:
                     inputs[position] = rng.integers(self.vocab_size)
                 labels[position] = ids[position]
                 predicted += 1
@@ -128,7 +134,8 @@ class WholeWordMasker:
 class PretrainLoader:
     """Iterable of this rank's masked micro batches, forever; `state_dict()` holds the resume cursor."""
 
-    def __init__(self, shard_set, tokenizer, micro_batch_size, dp_rank, dp_size, seed, consumed_samples=0):
+    def __init__(self, shard_set, tokenizer, micro_batch_size, dp_rank, dp_size, seed, consumed_samples=0,
+                 masking="mlm"):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is not in [0, {dp_size})")
         self.data, self.tokenizer = shard_set, tokenizer
@@ -136,7 +143,8 @@ class PretrainLoader:
         self.seed, self.consumed_samples = seed, consumed_samples
         self.max_seq_len = shard_set.max_seq_len
         self.order = GlobalOrder(len(shard_set), seed)
-        self.masker = WholeWordMasker(tokenizer, self.max_seq_len, seed)
+        self.masking = masking
+        self.masker = WholeWordMasker(tokenizer, self.max_seq_len, seed, **MASKINGS[masking])
 
     @property
     def global_batch_size(self):
@@ -154,11 +162,20 @@ class PretrainLoader:
 
     def batch_at(self, consumed_samples):
         """This rank's micro batch of the global batch that starts at `consumed_samples`."""
-        rows = []
+        rows, seeds = [], []
         for position in rank_positions(consumed_samples, self.micro_batch_size, self.dp_rank, self.dp_size):
             epoch, sample_id = self.order[position]
             rows.append(self.masker(self.data.sample(sample_id), epoch, sample_id))
-        return self._collate(rows)
+            seeds.append(self.sample_seed(epoch, sample_id))
+        batch = self._collate(rows)
+        if self.masking == "rtd":
+            batch["sample_seeds"] = torch.tensor(seeds, dtype=torch.long)
+        return batch
+
+    def sample_seed(self, epoch, sample_id):
+        """A seed for the RTD generator's draws on this sample: like the masks, a function of (seed, epoch,
+        sample), so that the replacements do not depend on the number of ranks or on a resume."""
+        return int(np.random.Generator(np.random.PCG64([self.seed, epoch, sample_id, 2])).integers(2 ** 62))
 
     def _collate(self, rows):
         shape = (len(rows), self.max_seq_len)
@@ -188,13 +205,14 @@ class PretrainLoader:
 
 
 def build_pretrain_loader(data_dir, tokenizer_or_spm_path, micro_batch_size, dp_rank, dp_size, seed,
-                          consumed_samples=0, verify="lazy", allow_incomplete=False):
+                          consumed_samples=0, verify="lazy", allow_incomplete=False, masking="mlm"):
     """The loader for one data-parallel rank. Checks the shards' tokenizer fingerprint against the tokenizer.
 
     verify: "lazy" (check each 4 MiB block's sha256 the first time it is read), "full" (all now), "none".
+    masking: "mlm" or "rtd" (MASKINGS).
     """
     tokenizer = tokenizer_or_spm_path if isinstance(tokenizer_or_spm_path, Tokenizer) \
         else Tokenizer(tokenizer_or_spm_path)
     shard_set = ShardSet(data_dir, tokenizer_fingerprint=tokenizer.fingerprint, verify=verify,
                          allow_incomplete=allow_incomplete)
-    return PretrainLoader(shard_set, tokenizer, micro_batch_size, dp_rank, dp_size, seed, consumed_samples)
+    return PretrainLoader(shard_set, tokenizer, micro_batch_size, dp_rank, dp_size, seed, consumed_samples, masking)

@@ -20,6 +20,7 @@ import json
 import os
 import resource
 import sys
+import time
 
 from pipeline.errors import ReleaseError
 
@@ -79,8 +80,9 @@ def find_tokenizer(meta, given):
 
 
 # ---------------------------------------------------------------- verify
-def verify(path, emd, atol=1e-4):
-    """transformers vs our model on a fixed input, one model in memory at a time. Returns the max |diff|."""
+def verify(path, emd, atol=1e-4, task="mlm"):
+    """transformers vs our model on a fixed input, one model in memory at a time: the MLM logits, or for a v3
+    release (task "base") the discriminator's last hidden states. Returns the max |diff|."""
     import torch
     import transformers
 
@@ -91,23 +93,24 @@ def verify(path, emd, atol=1e-4):
     ids = torch.randint(4, config["vocab_size"] - 1, (2, 16), generator=generator)
     mask = torch.ones_like(ids)
     mask[1, 12:] = 0
-    theirs, info = transformers.AutoModelForMaskedLM.from_pretrained(path, dtype=torch.float32,
-                                                                     output_loading_info=True)
+    auto = transformers.AutoModelForMaskedLM if task == "mlm" else transformers.AutoModel
+    theirs, info = auto.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
     if info["missing_keys"] or info["mismatched_keys"]:
         raise ReleaseError(f"{path}: transformers reports missing {info['missing_keys']} / mismatched "
                               f"{info['mismatched_keys']} keys")
+    field = "logits" if task == "mlm" else "last_hidden_state"
     with torch.no_grad():
-        expected = theirs.eval()(input_ids=ids, attention_mask=mask).logits
+        expected = getattr(theirs.eval()(input_ids=ids, attention_mask=mask), field)
     del theirs
     # our MLM head on the last layer, as transformers computes it (transformers has no EMD)
-    ours = load_release(path, task="mlm", emd=False, dtype=torch.float32)
+    ours = load_release(path, task=task, emd=False, dtype=torch.float32)
     with torch.no_grad():
-        got = ours(input_ids=ids, attention_mask=mask).logits
+        got = getattr(ours(input_ids=ids, attention_mask=mask), field)
     del ours
     keep = mask.bool()
     diff = (got[keep] - expected[keep]).abs().max().item()
-    print(f"verify: transformers vs deberta-ds MLM logits on a fixed [2, 16] input: max |diff| {diff:.3g}",
-          file=sys.stderr)
+    what = "MLM logits" if task == "mlm" else "discriminator hidden states"
+    print(f"verify: transformers vs deberta-ds {what} on a fixed [2, 16] input: max |diff| {diff:.3g}", file=sys.stderr)
     if not diff <= atol:
         raise ReleaseError(f"{path}: transformers' logits differ from ours by {diff:.3g} (> {atol})")
     if os.path.exists(os.path.join(path, "spm.model")):
@@ -132,21 +135,33 @@ def to_release(args):
     emd = bool((meta.get("run_config") or {}).get("emd", True))
     spm = find_tokenizer(meta, args.tokenizer)
     dtype = getattr(torch, DTYPES[args.dtype])
-    layout = mlm_layout(config, emd)
+    rtd = meta.get("objective") == "rtd"
+    if rtd:
+        from pipeline.release.rtd import rtd_layout, write_rtd_release
+        generator_config = DebertaConfig.from_dict(meta["generator_config"])
+        layout = rtd_layout(config, generator_config, meta["embedding_sharing"], emd)
+    else:
+        layout = mlm_layout(config, emd)
     if kind == "universal":
         tensors = checkpoints.universal_tensors(tag_dir, config, meta["mode"], dict(layout))
     elif kind == "pipeline":
         tensors = checkpoints.pipeline_tensors(tag_dir, config, args.source)
     else:
         tensors = checkpoints.zero_tensors(tag_dir)
+    started = time.time()
     print(f"convert: {tag_dir} ({kind}, mode {meta['mode']}, step {meta.get('step')}) -> {out} ({args.dtype})",
           file=sys.stderr)
     with staged_directory(out) as tmp:
-        count, nbytes, seconds = write_tensors(tmp, layout, tensors, dtype, max_shard, tag_dir)
-        write_config(tmp, config, "mlm", dtype)
+        if rtd:  # the v3 layout: the discriminator, and the generator beside it
+            count, nbytes = write_rtd_release(tensors, config, generator_config, meta["embedding_sharing"], emd, tmp,
+                                              dtype, max_shard, tag_dir)
+        else:
+            count, nbytes, _ = write_tensors(tmp, layout, tensors, dtype, max_shard, tag_dir)
+            write_config(tmp, config, "mlm", dtype)
+        seconds = time.time() - started
         write_tokenizer_files(tmp, spm)
         if args.verify:
-            verify(tmp, emd)
+            verify(tmp, emd, task="base" if rtd else "mlm")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     print(f"convert: wrote {count} tensors, {nbytes / 1e9:.3f} GB in {seconds:.1f} s "
           f"({count / max(seconds, 1e-9):.1f} tensors/s, {nbytes / 1e9 / max(seconds, 1e-9):.3f} GB/s); "

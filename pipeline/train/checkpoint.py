@@ -227,15 +227,32 @@ def latest(ckpt_dir):
     return tag, meta
 
 
-def check_compatible(meta, model_config_dict, mode, source):
-    saved = meta["model_config"]
-    diffs = {k: (saved.get(k), v) for k, v in model_config_dict.items() if saved.get(k) != v and k != "attention_impl"}
-    if diffs:
-        detail = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(diffs.items()))
-        raise CheckpointError(f"{source}: the model config differs from the checkpoint's ({detail})")
-    if meta["mode"] != mode:
-        raise CheckpointError(f"{source}: written in mode {meta['mode']!r}, this run is {mode!r}; convert it first "
-                          f"(deberta-ds convert to-release, then init_from_release)")
+def model_identity(run):
+    """What a checkpoint's weights are, as its meta file records it: the model config(s), mode and objective."""
+    rtd = run.objective == "rtd"
+    return {"model_config": run.model_config().to_dict(), "mode": run.mode, "objective": run.objective,
+            "generator_config": run.generator_config().to_dict() if rtd else None,
+            "embedding_sharing": run.embedding_sharing if rtd else None}
+
+
+def check_compatible(meta, identity, source):
+    """Refuse a checkpoint whose model, mode or objective differ from this run's (model_identity), naming both."""
+    for key in ("model_config", "generator_config"):
+        saved, now = meta.get(key), identity.get(key)
+        if saved is None or now is None:
+            continue
+        diffs = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v and k != "attention_impl"}
+        if diffs:
+            detail = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(diffs.items()))
+            what = "the model config" if key == "model_config" else "the generator's config"
+            raise CheckpointError(f"{source}: {what} differs from the checkpoint's ({detail})")
+    if meta["mode"] != identity["mode"]:
+        raise CheckpointError(f"{source}: written in mode {meta['mode']!r}, this run is {identity['mode']!r}; convert it "
+                              "first (deberta-ds convert to-release, then init_from_release)")
+    for key in ("objective", "embedding_sharing"):
+        saved = meta.get(key, "mlm" if key == "objective" else None)
+        if saved != identity.get(key):
+            raise CheckpointError(f"{source}: written with {key} {saved!r}, this run has {identity.get(key)!r}")
 
 
 def ensure_universal(ckpt_dir, tag, rank):

@@ -17,6 +17,7 @@ from pipeline.errors import ConfigError
 from pipeline.settings import apply_overrides, build_dataclass, closest, config_file, read_json
 
 MODES = ("zero3", "pipeline")
+OBJECTIVES = ("mlm", "rtd")
 OPTIMIZERS = ("adamw", "cpu_adam")
 
 
@@ -25,7 +26,14 @@ class RunConfig:
     # model: a preset name plus overrides of its fields (model/config.py PRESETS)
     model: str = "xxlarge"
     model_overrides: dict = field(default_factory=dict)
-    emd: bool = True  # Enhanced Mask Decoder (the paper's pretraining head)
+    emd: bool = True  # Enhanced Mask Decoder (the paper's pretraining head; with objective rtd: the generator's)
+    # objective: "mlm" (DeBERTa-v2: MLM + EMD) or "rtd" (DeBERTa-v3: a generator and a discriminator, replaced
+    # token detection; model/rtd.py). The model above is then the discriminator.
+    objective: str = "mlm"
+    generator_layers: int = 0  # rtd: the generator's depth (same width); 0: half the discriminator's
+    embedding_sharing: str = "gdes"  # rtd: "gdes" (gradient-disentangled), "es" (one shared table) or "none"
+    rtd_lambda: float = 10.0  # rtd: weight of the discriminator's loss (the official code's default; the paper 50)
+    discriminator_lr: Optional[float] = None  # rtd: the discriminator's peak learning rate; None: lr
     # engine
     mode: str = "zero3"  # "zero3": DeepSpeedEngine with ZeRO (stage from the DS config); "pipeline": PipelineModule + ZeRO-0/1
     pipeline_stages: int = 1
@@ -67,6 +75,11 @@ class RunConfig:
     def model_config(self) -> DebertaConfig:
         return model_config_of(self.model, self.model_overrides)
 
+    def generator_config(self) -> DebertaConfig:
+        """objective rtd: the generator's config (the model's width, generator_layers deep)."""
+        from model.rtd import generator_config_of
+        return generator_config_of(self.model_config(), self.generator_layers)
+
     @classmethod
     def from_file(cls, name_or_path, overrides=()):
         path = config_file(name_or_path, "run")
@@ -79,6 +92,20 @@ class RunConfig:
         """Every setting in range, and the model config valid: a ConfigError naming the setting otherwise."""
         if self.mode not in MODES:
             raise ConfigError(f"{source}: mode {self.mode!r} is not one of {MODES}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"{source}: objective {self.objective!r} is not one of {OBJECTIVES}")
+        if self.objective == "rtd" and self.mode == "pipeline":
+            raise ConfigError(f"{source}: objective 'rtd' runs in mode 'zero3' only: DeepSpeed's pipeline engine "
+                              "trains one stack of layers with one loss at its last stage, and the discriminator's "
+                              "input is the generator's sampled output (it would have to travel from the last stage "
+                              "back to the first); use mode zero3 (ZeRO-1, 2 or 3 by the DeepSpeed config)")
+        from model.rtd import SHARING
+        if self.embedding_sharing not in SHARING:
+            raise ConfigError(f"{source}: embedding_sharing {self.embedding_sharing!r} is not one of {SHARING}")
+        if self.rtd_lambda < 0 or self.generator_layers < 0:
+            raise ConfigError(f"{source}: rtd_lambda and generator_layers must not be negative")
+        if self.discriminator_lr is not None and self.discriminator_lr < 0:
+            raise ConfigError(f"{source}: discriminator_lr must not be negative, got {self.discriminator_lr}")
         if self.mode == "zero3" and self.pipeline_stages != 1:
             raise ConfigError(f"{source}: pipeline_stages={self.pipeline_stages} needs mode 'pipeline'")
         if self.optimizer not in OPTIMIZERS:
@@ -97,9 +124,13 @@ class RunConfig:
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise ConfigError(f"{source}: peak_tflops must be positive, got {self.peak_tflops}")
         try:
-            self.model_config()
+            config = self.model_config()
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+        if self.objective == "rtd" and self.generator_layers > config.num_hidden_layers:
+            raise ConfigError(f"{source}: generator_layers {self.generator_layers} is deeper than the discriminator's "
+                              f"{config.num_hidden_layers} layers (model {self.model!r}); the generator is the smaller "
+                              "network (the official v3 models: half the depth)")
 
     def to_dict(self):
         return dataclasses.asdict(self)

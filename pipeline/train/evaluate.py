@@ -18,7 +18,8 @@ def build_valid_loader(run, tokenizer, dp_rank, dp_size, seq_len):
     if not run.valid_data_dir:
         return None
     from pipeline.data.mlm_loader import build_pretrain_loader
-    loader = build_pretrain_loader(run.valid_data_dir, tokenizer, run.micro_batch_size, dp_rank, dp_size, run.seed)
+    loader = build_pretrain_loader(run.valid_data_dir, tokenizer, run.micro_batch_size, dp_rank, dp_size, run.seed,
+                                   masking=run.objective)
     if loader.max_seq_len != seq_len:
         raise DataError(f"{run.valid_data_dir}: validation shards of {loader.max_seq_len} tokens, training "
                         f"shards of {seq_len}; preprocess both with the same --max-seq-len")

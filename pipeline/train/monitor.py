@@ -10,6 +10,7 @@ MFU estimate. FLOPs per trained token (forward + backward = 3 x forward; a multi
                                                  layer forward) plus c2p and p2c against the 2k relative
                                                  rows (4·2k·D)
   + 6 · p · D · V                                the tied MLM decoder, only at the predicted fraction p
+(objective rtd: the generator's so, plus the discriminator's without EMD and decoder: run_flops_per_token)
 divided by the step time and by (peak FLOP/s per device x devices). Peak: `peak_tflops` from the run
 config, else a table of known accelerators (bf16/fp16 dense); none on the CPU (MFU then not shown).
 """
@@ -31,6 +32,16 @@ def flops_per_token(config, seq_len, emd_steps=2, predicted_fraction=0.15):
     layers = L + max(emd_steps - 1, 0)
     attention = 12 * layers * inner * (seq_len + (2 * config.att_span if config.relative_attention else 0))
     return 6 * per_layer * layers + attention + 6 * predicted_fraction * config.embed_size * V
+
+
+def run_flops_per_token(run, seq_len):
+    """flops_per_token of a run's model(s): with objective rtd the generator (its EMD and MLM decoder at the
+    masked fraction) plus the discriminator (every layer once, no decoder)."""
+    emd_steps = 2 if run.emd else 0
+    if run.objective != "rtd":
+        return flops_per_token(run.model_config(), seq_len, emd_steps)
+    return (flops_per_token(run.generator_config(), seq_len, emd_steps)
+            + flops_per_token(run.model_config(), seq_len, emd_steps=0, predicted_fraction=0.0))
 
 
 def guess_peak_tflops():

@@ -37,7 +37,7 @@ def complete_for_run(run, ds, dp_size, source):
     if offloads_optimizer(ds) and run.optimizer != "cpu_adam":
         raise ConfigError(f"{source}: offload_optimizer to CPU needs optimizer 'cpu_adam' in the run config "
                           f"(DeepSpeedCPUAdam), got {run.optimizer!r}")
-    return stepper_class(run.mode).prepare_ds_config(run, ds, source)
+    return stepper_class(run).prepare_ds_config(run, ds, source)
 
 
 def prepare(args, world_size):

@@ -91,7 +91,11 @@ def check_same_data(saved, now, source, accept_change):
                               f"is {now['tokenizer_sha256'][:16]}...: the model's embeddings belong to the checkpoint's "
                               "tokenizer. Use its shards (and spm.model), or start a new run (convert to a release, "
                               "then init_from_release) to change tokenizers")
-    differs = [k for k in ("shards_sha256", "num_samples", "max_seq_len", "valid_shards_sha256") if saved.get(k) != now.get(k)]
+    differs = [k for k in ("shards_sha256", "num_samples", "max_seq_len") if saved.get(k) != now.get(k)]
+    # the validation set only matters where both have one (evaluating or not leaves training as it is)
+    if saved.get("valid_shards_sha256") and now.get("valid_shards_sha256") and \
+            saved["valid_shards_sha256"] != now["valid_shards_sha256"]:
+        differs.append("valid_shards_sha256")
     if not differs:
         return False
     if not accept_change:
@@ -111,7 +115,7 @@ def train(run, ds, env, accept_data_change=False):
     from pipeline.train import checkpoint
     from pipeline.train.engine import build_stepper
     from pipeline.train.evaluate import build_valid_loader, due, evaluate
-    from pipeline.train.monitor import Monitor, flops_per_token, guess_peak_tflops
+    from pipeline.train.monitor import Monitor, guess_peak_tflops, run_flops_per_token
     from pipeline.errors import CheckpointError
     from pipeline.io import make_dirs
     from pipeline.lifecycle import lock_run_directory
@@ -139,7 +143,7 @@ def train(run, ds, env, accept_data_change=False):
     universal, data_changed, history = False, False, []
     if tag is not None:
         source = os.path.join(ckpt_dir, tag)
-        checkpoint.check_compatible(meta, model_config.to_dict(), run.mode, source)
+        checkpoint.check_compatible(meta, checkpoint.model_identity(run), source)
         data_changed = check_same_data(meta.get("data"), data, source, accept_data_change)
         history = meta.get("data_history", [])
         if meta["dp_size"] != dp_size or meta["pipeline_stages"] != run.pipeline_stages:
@@ -162,7 +166,7 @@ def train(run, ds, env, accept_data_change=False):
             print(f"data change accepted at step {step}: the run continues on {run.data_dir} from its first sample "
                   "(recorded in the checkpoint)", file=sys.stderr)
     loader = build_pretrain_loader(run.data_dir, tokenizer, run.micro_batch_size, stepper.dp_rank, stepper.dp_size,
-                                   run.seed, consumed_samples=consumed)
+                                   run.seed, consumed_samples=consumed, masking=run.objective)
     seq_len = loader.max_seq_len
     valid_loader = build_valid_loader(run, tokenizer, stepper.dp_rank, stepper.dp_size, seq_len)
     if rank == 0:
@@ -175,10 +179,10 @@ def train(run, ds, env, accept_data_change=False):
 
     peak = (run.peak_tflops or guess_peak_tflops() or 0) * 1e12 * world
     monitor = Monitor(run.output_dir, rank, step, run.max_steps, run.global_batch_size * seq_len,
-                      run.global_batch_size, flops_per_token(model_config, seq_len) * run.global_batch_size * seq_len,
+                      run.global_batch_size, run_flops_per_token(run, seq_len) * run.global_batch_size * seq_len,
                       peak or None)
     stop = StopFlag()
-    meta_out = {"model_config": model_config.to_dict(), "mode": run.mode, "pipeline_stages": run.pipeline_stages,
+    meta_out = {**checkpoint.model_identity(run), "pipeline_stages": run.pipeline_stages,
                 "dp_size": dp_size, "world_size": world, "run_config": run.to_dict(),
                 "tokenizer_sha256": tokenizer.fingerprint, "data": data, "data_history": history}
     batches = stepper.batches(loader)
@@ -195,8 +199,8 @@ def train(run, ds, env, accept_data_change=False):
             nonfinite_in_a_row += 1
         else:
             nonfinite_in_a_row = 0
-        values = {"loss": loss, "mlm_accuracy": result["mlm_accuracy"], "lr": stepper.lr,
-                  "grad_norm": stepper.grad_norm, "loss_scale": stepper.loss_scale, "skipped_steps": skipped}
+        values = dict(result, lr=stepper.lr, grad_norm=stepper.grad_norm, loss_scale=stepper.loss_scale,
+                      skipped_steps=skipped)
         monitor.step(step, values)
         monitor.record_loss(step, loss)
         if step % run.log_interval == 0 or step == run.max_steps:

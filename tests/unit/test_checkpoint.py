@@ -46,12 +46,19 @@ def test_a_damaged_newest_tag_is_named_and_the_one_before_it_used(tmp_path, harm
     assert checkpoint.latest(str(tmp_path))[0] == "global_step2"
 
 
-def test_a_checkpoint_of_another_model_or_mode_is_refused():
-    checkpoint.check_compatible(META, {"hidden_size": 64, "attention_impl": "sdpa"}, "zero3", "tag")
+def identity(mode="zero3", objective="mlm", **config):
+    return {"model_config": dict({"hidden_size": 64}, **config), "mode": mode, "objective": objective,
+            "generator_config": None, "embedding_sharing": None}
+
+
+def test_a_checkpoint_of_another_model_mode_or_objective_is_refused():
+    checkpoint.check_compatible(META, identity(attention_impl="sdpa"), "tag")   # META: a build before objectives
     with pytest.raises(CheckpointError, match="hidden_size: checkpoint 64 vs run 32"):
-        checkpoint.check_compatible(META, {"hidden_size": 32}, "zero3", "tag")
+        checkpoint.check_compatible(META, identity(hidden_size=32), "tag")
     with pytest.raises(CheckpointError, match="written in mode 'zero3', this run is 'pipeline'"):
-        checkpoint.check_compatible(META, {"hidden_size": 64}, "pipeline", "tag")
+        checkpoint.check_compatible(META, identity("pipeline"), "tag")
+    with pytest.raises(CheckpointError, match="written with objective 'mlm', this run has 'rtd'"):
+        checkpoint.check_compatible(META, dict(identity(), objective="rtd", embedding_sharing="gdes"), "tag")
 
 
 def test_a_write_that_fails_names_the_file_and_the_os_error(tmp_path):

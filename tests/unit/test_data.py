@@ -108,3 +108,18 @@ def test_masking_is_deterministic_per_seed_epoch_and_sample(masked):
     assert np.array_equal(again_inputs, outputs[3][0]) and np.array_equal(again_labels, outputs[3][1])
     other_epoch = masker(samples[3], 1, 3)[1]
     assert not np.array_equal(other_epoch, outputs[3][1])
+
+
+def test_rtd_masking_is_single_tokens_all_mask_with_a_seed_per_sample(data_env, tok):
+    """objective rtd (the official NGramMaskGenerator(max_gram=1, keep_prob=0, mask_prob=1)): every selected token
+    becomes [MASK], about 15% of them; each sample carries a seed for the generator's draws that depends on the
+    sample, not on the rank that reads it."""
+    one = build_pretrain_loader(data_env["shards"], tok, 4, 0, 1, seed=7, masking="rtd")
+    batch = one.batch_at(0)
+    selected = batch["labels"] != IGNORE_INDEX
+    assert torch.all(batch["input_ids"][selected] == tok.mask_id)
+    assert 0.10 < selected.sum().item() / batch["attention_mask"].sum().item() < 0.20
+    halves = [build_pretrain_loader(data_env["shards"], tok, 2, r, 2, seed=7, masking="rtd").batch_at(0) for r in (0, 1)]
+    assert torch.equal(torch.cat([h["sample_seeds"] for h in halves]), batch["sample_seeds"])
+    assert len(set(batch["sample_seeds"].tolist())) == 4
+    assert "sample_seeds" not in build_pretrain_loader(data_env["shards"], tok, 4, 0, 1, seed=7).batch_at(0)

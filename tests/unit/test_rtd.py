@@ -165,3 +165,14 @@ def test_v3_presets_have_the_official_configs_parameter_counts():
         assert config.conv_kernel_size == 0 and not config.position_biased_input
     with pytest.raises(ValueError, match="deeper than the discriminator"):
         generator_config_of(preset("v3-small"), layers=8)
+
+
+def test_per_sequence_seeds_make_the_draws_independent_of_the_batching():
+    inputs, mask, labels = batch()
+    rtd = model("gdes").eval()
+    seeds = torch.tensor([11, 22, 33])
+    with torch.no_grad():
+        whole = rtd(input_ids=inputs, attention_mask=mask, labels=labels, sample_seeds=seeds)
+        parts = [rtd(input_ids=inputs[i:i + 1], attention_mask=mask[i:i + 1], labels=labels[i:i + 1],
+                     sample_seeds=seeds[i:i + 1]) for i in range(3)]
+    assert torch.equal(whole.corrupted, torch.cat([p.corrupted for p in parts]))

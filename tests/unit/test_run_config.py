@@ -41,6 +41,9 @@ def test_shipped_configs_load_by_name_with_overrides():
     ("lr=-1", "lr must not be negative, got -1.0"),
     ("adam_betas=[0.9]", "adam_betas must be two numbers in [0, 1)"),
     ("optimizer=sgd", "optimizer 'sgd' is not one of"),
+    ("objective=electra", "objective 'electra' is not one of ('mlm', 'rtd')"),
+    ("embedding_sharing=tied", "embedding_sharing 'tied' is not one of ('gdes', 'es', 'none')"),
+    ("rtd_lambda=-1", "rtd_lambda and generator_layers must not be negative"),
 ])
 def test_bad_settings_are_refused_naming_the_setting(override, message):
     with pytest.raises(ConfigError) as error:
@@ -69,3 +72,14 @@ def test_preflight_checks_data_tokenizer_world_and_batch(tmp_path, data_env):
                       str(tmp_path / "run"), "--set", f"init_from_release={json.dumps(str(tmp_path / 'none'))}")
     with pytest.raises(ConfigError, match="init_from_release .*: no such release directory"):
         prepare(release, 1)
+
+
+def test_rtd_settings_are_checked_against_the_model_and_the_mode():
+    run = RunConfig.from_file("tiny_cpu", ["objective=rtd"])
+    assert run.generator_config().num_hidden_layers == 1 and run.model_config().num_hidden_layers == 2
+    with pytest.raises(ConfigError, match="generator_layers 3 is deeper than the discriminator's 2 layers"):
+        RunConfig.from_file("tiny_cpu", ["objective=rtd", "generator_layers=3"])
+    with pytest.raises(ConfigError, match="objective 'rtd' runs in mode 'zero3' only: DeepSpeed's pipeline engine"):
+        RunConfig.from_file("tiny_cpu", ["objective=rtd", "mode=pipeline"])
+    v3 = RunConfig.from_file("v3_large")
+    assert (v3.objective, v3.embedding_sharing, v3.rtd_lambda, v3.generator_config().num_hidden_layers) == ("rtd", "gdes", 10.0, 12)

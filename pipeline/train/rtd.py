@@ -1,0 +1,100 @@
+"""Objective rtd (DeBERTa-v3) in mode zero3: the generator and the discriminator (model/rtd.py) as one module
+under one DeepSpeedEngine, any ZeRO stage.
+
+- Each network has its own AdamW parameter groups (decayed weights / biases and LayerNorms), the generator's at
+  `lr`, the discriminator's at `discriminator_lr` (or `lr`), on the one warmup/decay schedule; one step applies
+  L_MLM + rtd_lambda · L_RTD (the official `decoupled_training=False` step). Adam's update is per parameter, so
+  the groups behave as two optimizers; what the official decoupled trainer does differently is clip each
+  network's gradients by its own norm (here one norm over both) and let the discriminator read the generator's
+  table after that step's generator update (here before it).
+- Under ZeRO-3 the discriminator reads the generator's word table through the generator's own embedding module
+  (RTDModel.shared_rows), so ZeRO-3 gathers it there, as the shared relative table is read; the MLM decoder's
+  use of it is registered as an external parameter, as in mode zero3 for MLM. Every encoder layer that a
+  forward runs once is a leaf module: the generator's but its last (the EMD runs it twice), all of the
+  discriminator's.
+- Checkpoints, resume (also on another number of ranks) and the release are those of mode zero3; the
+  converter writes the v3 layout (pipeline/release/rtd.py).
+"""
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from model.rtd import RTDModel
+from pipeline.ds_config import zero_stage
+from pipeline.lifecycle import mean_over_ranks
+from pipeline.optim import build_optimizer, lr_schedule, param_groups
+from pipeline.train.zero3 import Zero3Stepper, leaf_layers, torch_checkpoint
+
+LOGGED = ("loss", "mlm_loss", "mlm_accuracy", "rtd_loss", "rtd_accuracy", "replaced_rate", "generator_correct")
+
+
+def build_rtd_model(run, ds, model_config, rank):
+    stage = zero_stage(ds)
+    import torch._dynamo  # noqa: F401  (before zero.Init patches module construction)
+    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=stage == 3):
+        model = RTDModel(model_config, run.generator_config(), run.embedding_sharing, run.rtd_lambda, emd=run.emd)
+    generator = model.generator
+    if stage == 3:
+        deepspeed.zero.register_external_parameter(generator.lm_predictions.lm_head,
+                                                   generator.deberta.embeddings.word_embeddings.weight)
+        if run.zero3_leaf_layers:
+            for layer in leaf_layers(generator) + list(model.discriminator.deberta.encoder.layer):
+                deepspeed.utils.set_z3_leaf_module(layer, True)
+    if run.activation_checkpointing:
+        generator.deberta.encoder.checkpoint_fn = torch_checkpoint
+        model.discriminator.deberta.encoder.checkpoint_fn = torch_checkpoint
+    if run.init_from_release:
+        from pipeline.release.rtd import load_rtd_release_into
+        load_rtd_release_into(model, run.init_from_release, stage, rank)
+    return model
+
+
+class RTDStepper(Zero3Stepper):
+    mode, objective = "zero3", "rtd"
+
+    def __init__(self, run, ds, model_config, rank):
+        self.run, self.accumulation = run, ds["gradient_accumulation_steps"]
+        self.module = build_rtd_model(run, ds, model_config, rank)
+        d_lr = run.lr if run.discriminator_lr is None else run.discriminator_lr
+        groups = (param_groups(self.module.generator, run.weight_decay, run.lr)
+                  + param_groups(self.module.discriminator, run.weight_decay, d_lr))
+        optimizer = build_optimizer(self.module, run.lr, run.adam_betas, run.adam_eps, run.weight_decay, run.optimizer,
+                                    groups=groups)
+        scheduler = lr_schedule(optimizer, run.warmup_steps, run.max_steps)
+        self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=ds)
+        self.device = self.engine.device
+        self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
+
+    def describe(self):
+        from deepspeed.utils import get_z3_leaf_modules
+        leaves = len(get_z3_leaf_modules(self.module))
+        layers = self.module.config.num_hidden_layers + self.module.generator_config.num_hidden_layers
+        return (f", rtd: generator {self.module.generator_config.num_hidden_layers} layers, "
+                f"{self.run.embedding_sharing}" + (f" ({leaves} of {layers} encoder layers gathered whole)" if leaves else ""))
+
+    def _sums(self, batches, micro_batches, train):
+        sums = dict.fromkeys(LOGGED, 0.0)
+        for _ in range(micro_batches):
+            out = self.engine(**next(batches))
+            if train:
+                self.engine.backward(out.loss)
+                self.engine.step()
+            for key in LOGGED:
+                sums[key] += float(out[key].detach())
+        means = mean_over_ranks([sums[k] / micro_batches for k in LOGGED], self.device)
+        return dict(zip(LOGGED, means))
+
+    def train_step(self, batches):
+        """`accumulation` micro-batches: the generator's MLM and the discriminator's RTD loss in one backward each.
+        The values are means over the micro-batches and ranks."""
+        return self._sums(batches, self.accumulation, train=True)
+
+    def eval_loss(self, batches, steps):
+        """The held-out losses. The generator's samples are drawn from each sample's own seed (the loader's), so
+        every evaluation sees the same replacements and training's random state is not touched."""
+        self.engine.eval()
+        with torch.no_grad():
+            values = self._sums(batches, steps * self.accumulation, train=False)
+        self.engine.train()
+        return {f"val_{key}": value for key, value in values.items()}
