@@ -16,7 +16,7 @@ COMMANDS = {
     "tokenizer": ("pipeline.data.tokenizer", "train or inspect the sentencepiece tokenizer"),
     "preprocess": ("pipeline.data.preprocess", "tokenize and pack a corpus into memory-mapped shards"),
     "plan": ("pipeline.train.plan", "estimate per-GPU memory of a run for a cluster shape"),
-    "pretrain": ("pipeline.train.pretrain", "MLM + EMD pretraining on DeepSpeed (zero3 or pipeline mode)"),
+    "pretrain": ("pipeline.train.pretrain", "pretraining on DeepSpeed: MLM + EMD (v2) or RTD (v3)"),
     "convert": ("pipeline.release.convert", "convert training checkpoints to release directories"),
     "finetune": ("pipeline.finetune.finetune", "fine-tune on a SuperGLUE/GLUE task (optionally with SiFT)"),
     "predict": ("pipeline.finetune.predict", "write SuperGLUE leaderboard submission files"),
@@ -33,8 +33,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    parser = Parser(prog="deberta-ds", description="Pretrain and fine-tune DeBERTa-v2 (up to 1.5B parameters) on "
-                    "DeepSpeed. Run `deberta-ds COMMAND --help` for each command.")
+    parser = Parser(prog="deberta-ds", description="Pretrain (DeBERTa-v2 MLM + EMD, DeBERTa-v3 "
+                    "RTD) and fine-tune DeBERTa up to 1.5B parameters on DeepSpeed. Run `deberta-ds COMMAND --help` for each command.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)

@@ -5,7 +5,8 @@
   3. shards      packed 128-token sequences, memory-mapped, with checksums; the last corpus file apart,
                  as validation shards
   4. pretrain    the tiny DeBERTa (MLM + Enhanced Mask Decoder), ZeRO-3 on 2 CPU ranks (torchrun, gloo),
-                 with the held-out loss every quarter of the run
+                 with the held-out loss every quarter of the run; DEMO_OBJECTIVE=rtd pretrains DeBERTa-v3's way
+                 instead (a generator and a discriminator, replaced token detection, gdes embedding sharing)
   5. convert     the ZeRO-3 checkpoint -> a release directory that transformers loads (--verify)
   6. finetune    a BoolQ-format task made from the corpus, with SiFT, under DeepSpeed
   7. predict     the leaderboard-format submission file
@@ -23,6 +24,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.abspath(os.environ.get("DEMO_OUT", os.path.join(ROOT, "demo_out")))
 PRETRAIN_STEPS = int(os.environ.get("DEMO_PRETRAIN_STEPS", "600"))
+OBJECTIVE = os.environ.get("DEMO_OBJECTIVE", "mlm")  # mlm (DeBERTa-v2) or rtd (DeBERTa-v3)
 ENV = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 # a keyword question the tiny model can learn: is the word in the passage?
 KEYWORD = "return"
@@ -92,19 +94,45 @@ def boolq_from_corpus(corpus_dir, out_dir, seed=0):
     return {k: len(v) for k, v in splits.items()}
 
 
-def loss_curve(run_dir):
-    """(mean loss of the first 10 steps, of the last 10, last step, {step: held-out loss})."""
+def logged_values(run_dir, key):
+    """({step: KEY} of the training records, {step: val_KEY} of the held-out evaluations)."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
-    held_out = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
-    steps = sorted(losses)
+    return ({r["step"]: r[key] for r in records if key in r},
+            {r["step"]: r["val_" + key] for r in records if "val_" + key in r})
+
+
+def curve(run_dir, key):
+    """(mean KEY of the first 10 steps it was recorded at, of the last 10, last step, {step: held-out KEY})."""
+    values, held_out = logged_values(run_dir, key)
+    steps = sorted(values)
     first, last = steps[:10], steps[-10:]
-    return (sum(losses[s] for s in first) / len(first), sum(losses[s] for s in last) / len(last), steps[-1],
+    return (sum(values[s] for s in first) / len(first), sum(values[s] for s in last) / len(last), steps[-1],
             held_out)
 
 
+def print_pretraining(run):
+    first, last, steps, held_out = curve(run, "loss")
+    if OBJECTIVE == "mlm":
+        print(f"   pretraining {steps} steps: MLM+EMD loss {first:.3f} (first 10 steps) -> {last:.3f} (last 10)"
+              f"; checkpoints in run/checkpoints, TensorBoard in run/tensorboard")
+        print("               held-out loss (the last corpus file): "
+              + ", ".join(f"{loss:.3f} at step {step}" for step, loss in sorted(held_out.items())))
+    else:
+        print(f"   pretraining {steps} steps of RTD: loss L_MLM + lambda L_RTD {first:.3f} (first 10 steps) -> "
+              f"{last:.3f} (last 10); checkpoints in run/checkpoints, TensorBoard in run/tensorboard")
+        for key, what in (("mlm_loss", "generator MLM loss"), ("rtd_loss", "discriminator RTD loss"),
+                          ("replaced_rate", "share of tokens replaced"), ("rtd_accuracy", "discriminator accuracy")):
+            logged, held = logged_values(run, key)
+            (start, at_start), (end, at_end) = min(logged.items()), max(logged.items())
+            print(f"               {what:<26} {at_start:.3f} at step {start} -> {at_end:.3f} at step {end}"
+                  + (f"; held-out {held[max(held)]:.3f}" if held else ""))
+    return first, last
+
+
 def main():
+    if OBJECTIVE not in ("mlm", "rtd"):
+        sys.exit(f"error: DEMO_OBJECTIVE={OBJECTIVE!r}: use mlm (DeBERTa-v2) or rtd (DeBERTa-v3)")
     started = time.time()
     shutil.rmtree(OUT, ignore_errors=True)
     os.makedirs(os.path.join(OUT, "logs"))
@@ -121,12 +149,15 @@ def main():
     step("   validation shards", cli("preprocess", "--input", corpus_files[-1], "--tokenizer",
                                      os.path.join(OUT, "spm.model"), "--output-dir", valid, "--max-seq-len", "128",
                                      "--workers", "1", "--no-progress"), "preprocess_valid.log")
-    step("4. pretrain (ZeRO-3, 2 CPU ranks)",
+    step(f"4. pretrain {'MLM+EMD' if OBJECTIVE == 'mlm' else 'RTD (generator + discriminator)'}"
+         " (ZeRO-3, 2 CPU ranks)",
          [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
           "-m", "pipeline.cli", "pretrain", "--config", "configs/pretrain_tiny_cpu.json", "--deepspeed",
           "ds_configs/cpu_zero3_fp32.json", "--data-dir", shards, "--valid-data-dir", valid, "--output-dir", run,
-          "--set", f"eval_interval={PRETRAIN_STEPS // 4}", "--set", f"max_steps={PRETRAIN_STEPS}", "--set", f"save_interval={PRETRAIN_STEPS // 2}",
-          "--set", f"warmup_steps={PRETRAIN_STEPS // 10}", "--set", "log_interval=50"], "pretrain.log")
+          "--set", f"eval_interval={PRETRAIN_STEPS // 4}", "--set", f"max_steps={PRETRAIN_STEPS}",
+          "--set", f"save_interval={PRETRAIN_STEPS // 2}",
+          "--set", f"warmup_steps={PRETRAIN_STEPS // 10}", "--set", "log_interval=50",
+          "--set", f"objective={OBJECTIVE}"], "pretrain.log")
     step("5. convert to a release (and verify it in transformers)",
          cli("convert", "to-release", "--checkpoint", os.path.join(run, "checkpoints"), "--output", release,
              "--verify"), "convert.log")
@@ -140,19 +171,17 @@ def main():
          cli("predict", "--task", "BoolQ", "--model", os.path.join(OUT, "finetune", "best"), "--data-dir",
              os.path.join(OUT, "superglue"), "--output-dir", os.path.join(OUT, "submission")), "predict.log")
 
-    first, last, steps, held_out = loss_curve(run)
     with open(os.path.join(OUT, "finetune", "metrics.json")) as f:
         finetune = json.load(f)
     print("\n== what the demo produced (all under", OUT + ")")
     print("   tokenizer   spm.model (1000 pieces + [MASK])")
     print(f"   shards      {shards}")
-    print(f"   pretraining {steps} steps: MLM+EMD loss {first:.3f} (first 10 steps) -> {last:.3f} (last 10)"
-          f"; checkpoints in run/checkpoints, TensorBoard in run/tensorboard")
-    print("               held-out loss (the last corpus file): "
-          + ", ".join(f"{loss:.3f} at step {step}" for step, loss in sorted(held_out.items())))
+    first, last = print_pretraining(run)
     with open(os.path.join(OUT, "logs", "convert.log")) as f:
         verified = [line.strip() for line in f if line.startswith("verify:")]
-    print(f"   release     {release} (loads with transformers.AutoModelForMaskedLM)")
+    loads = ("AutoModelForMaskedLM" if OBJECTIVE == "mlm"
+             else "AutoModel: the discriminator; the generator in pytorch_model.generator.bin")
+    print(f"   release     {release} (loads with transformers.{loads})")
     for line in verified:
         print(f"               {line}")
     print(f"   fine-tuning BoolQ-format task ({sizes['train']} train / {sizes['val']} val): "

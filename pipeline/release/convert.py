@@ -4,7 +4,9 @@
         [--dtype fp32|bf16|fp16] [--max-shard-size 5GB] [--tokenizer spm.model] [--verify]
 
 It reads the fp32 master weights wherever DeepSpeed keeps them (pipeline/release/checkpoints.py) and
-writes them with the release writer (pipeline/release/write.py).
+writes them with the release writer (pipeline/release/write.py). A checkpoint of an rtd run (DeBERTa-v3)
+gives the published v3 layout (pipeline/release/rtd.py): the discriminator as a deberta-v2 model that
+AutoModel loads, its generator beside it in pytorch_model.generator.bin with generator_config.json.
 
 The other direction needs no conversion: a release directory (ours, the published
 microsoft/deberta-v2-xxlarge layout, or transformers' legacy `cls.predictions.*` layout) starts a run

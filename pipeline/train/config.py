@@ -85,7 +85,7 @@ class RunConfig:
         path = config_file(name_or_path, "run")
         values = apply_overrides(read_json(path, "run config"), overrides)
         run = build_dataclass(cls, values, path)
-        run.validate(path)
+        run.validate(f"{path} with --set" if overrides else path)  # a bad value may come from either
         return run
 
     def validate(self, source="run config"):

@@ -1,4 +1,6 @@
-"""`deberta-ds pretrain`: MLM + Enhanced Mask Decoder pretraining on DeepSpeed, in mode zero3 or pipeline.
+"""`deberta-ds pretrain`: pretraining on DeepSpeed. Objective mlm (DeBERTa-v2, the default): MLM + Enhanced Mask
+Decoder, in mode zero3 or pipeline; objective rtd (DeBERTa-v3, `--set objective=rtd`): a generator and a
+discriminator trained by replaced token detection with gradient-disentangled embedding sharing, in mode zero3.
 
 Any launcher starts it unchanged: `deepspeed`, `torchrun`, `srun` (Slurm) and `mpirun` (Open MPI);
 pipeline/launch/ finds rank, world size and master address in whichever environment it is.
@@ -6,8 +8,8 @@ pipeline/launch/ finds rank, world size and master address in whichever environm
 It resumes from the newest complete checkpoint in OUTPUT_DIR/checkpoints by itself (on another number of ranks
 through DeepSpeed's universal format), and only on the data the checkpoint was trained on (tokenizer, shards,
 sequence length; --accept-data-change continues on other shards deliberately). A damaged newest checkpoint is
-reported and the one before it used. One run per output directory (OUTPUT_DIR/deberta-ds.lock). On SIGTERM or SIGUSR1 it finishes the step, saves a checkpoint and
-exits with code 75 ("checkpointed; run me again"), which the Slurm scripts turn into a requeue.
+reported and the one before it used. One run per output directory (OUTPUT_DIR/deberta-ds.lock). On SIGTERM or
+SIGUSR1 it finishes the step, saves a checkpoint and exits with code 75 ("checkpointed; run me again"), which the Slurm scripts turn into a requeue.
 Exit codes: 0 done, 1 bad input or config, 2 usage, 3 non-finite loss (fp32/bf16) or max_nonfinite_steps
 skipped steps in a row (fp16), 75 as above.
 """
@@ -21,13 +23,14 @@ from pipeline.cli_types import positive_int
 
 def add_arguments(parser):
     parser.add_argument("--config", required=True,
-                        help="run config: a JSON file, or the name of a shipped one (tiny_cpu, xxlarge: configs/pretrain_NAME.json)")
+                        help="run config: a JSON file, or the name of a shipped one (tiny_cpu, xxlarge, v3_large: "
+                             "configs/pretrain_NAME.json)")
     parser.add_argument("--deepspeed", "--deepspeed_config", dest="deepspeed", required=True,
                         help="DeepSpeed config: a JSON file, or the name of a shipped one (zero3_bf16, "
                         "pipeline_zero1_bf16, cpu_zero3_fp32, ...: ds_configs/NAME.json)")
     parser.add_argument("--data-dir", help="shard directory from `deberta-ds preprocess` (overrides data_dir)")
-    parser.add_argument("--valid-data-dir", help="held-out shard directory, same tokenizer: its MLM loss every "
-                        "eval_interval steps (overrides valid_data_dir)")
+    parser.add_argument("--valid-data-dir", help="held-out shard directory, same tokenizer: its losses (rtd: both "
+                        "networks') every eval_interval steps (overrides valid_data_dir)")
     parser.add_argument("--output-dir", help="run directory: checkpoints, tensorboard, metrics.jsonl (overrides output_dir)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a run-config setting, e.g. --set lr=1e-4 --set model_overrides.num_hidden_layers=2")
