@@ -12,9 +12,10 @@
 #  5. fp16 with DeepSpeed's dynamic loss scaling (the CPU accelerator has no fp16)
 #  6. the 1.5B step by ZeRO stage on one GPU: no DeepSpeed, ZeRO-2, ZeRO-3, ZeRO-3 with leaf layers
 #     (bench/zero_overhead.py, micro-batch 8, activation checkpointing as in part 4)
-# Data for 4-5: shards of the demo corpus in $GPU_DATA (512- and 128-token). DeepSpeed, pytest (part 0
-# imports tests/test_fused_attention.py) and what they need beyond the machine's image come as wheels in
-# .whl/ when the machine has no network.
+# Data for 4-5: shards of the demo corpus in $GPU_DATA (512- and 128-token). ATTENTION_IMPL (part 3): auto,
+# math, eager, sdpa (the default) or fused ("reference", the eager path's old name, is taken as eager).
+# DeepSpeed, pytest (part 0 imports tests/unit/test_fused_attention.py) and what they need beyond the
+# machine's image come as wheels in .whl/ when the machine has no network.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"
@@ -22,6 +23,7 @@ PARTS="${PARTS:-0 1 2 3 4 5 6}"
 mkdir -p "$OUT"
 GPU_DATA="${GPU_DATA:-.gpu_data}"
 ATTENTION_IMPL="${ATTENTION_IMPL:-sdpa}"
+[ "$ATTENTION_IMPL" = reference ] && ATTENTION_IMPL=eager
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ! python3 -c "import deepspeed" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -44,7 +46,7 @@ if part 2; then
     echo "== 2. profile: attention alone, whole steps (fused and sdpa), kernel tables"
     timeout 180 python3 bench/gpu_profile.py --skip-flex --step-impls fused,sdpa --out "$OUT/profile.txt" \
         > "$OUT/profile.log" 2>&1
-    grep -E "^(theirs|reference|sdpa|fused|==|--)" "$OUT/profile.txt"
+    grep -E "^(theirs|eager|sdpa|fused|==|--)" "$OUT/profile.txt"
 fi
 
 if part 3; then
@@ -56,8 +58,8 @@ fi
 if part 4; then
     echo "== 4. pretraining the 1.5B preset, ZeRO-3 bf16, 1 GPU"
     rm -rf /tmp/run_xxl
-    timeout 120 python3 -m torch.distributed.run --nproc_per_node 1 -m pipeline.pretrain \
-        --config configs/pretrain_xxlarge.json --deepspeed ds_configs/zero3_bf16.json \
+    timeout 120 python3 -m torch.distributed.run --nproc_per_node 1 -m pipeline.cli pretrain \
+        --config xxlarge --deepspeed zero3_bf16 \
         --data-dir "$GPU_DATA/shards512" --output-dir /tmp/run_xxl \
         --set global_batch_size=8 --set micro_batch_size=8 --set max_steps=16 --set log_interval=4 \
         --set save_interval=1000 --set warmup_steps=4 2>&1 | grep -v "^\[20" | tail -15 | tee "$OUT/pretrain_xxlarge.txt"
@@ -67,9 +69,9 @@ if part 5; then
     echo "== 5. fp16 with dynamic loss scaling (tiny model, 2 modes)"
     for mode in zero3 pipeline; do
         rm -rf /tmp/run_fp16_$mode
-        ds=ds_configs/cpu_zero3_fp32.json; [ $mode = pipeline ] && ds=ds_configs/cpu_pipeline_fp32.json
-        timeout 45 python3 -m torch.distributed.run --nproc_per_node 1 -m pipeline.pretrain \
-            --config configs/pretrain_tiny_cpu.json --deepspeed $ds --data-dir "$GPU_DATA/shards128" \
+        ds=cpu_zero3_fp32; [ $mode = pipeline ] && ds=cpu_pipeline_fp32
+        timeout 45 python3 -m torch.distributed.run --nproc_per_node 1 -m pipeline.cli pretrain \
+            --config tiny_cpu --deepspeed $ds --data-dir "$GPU_DATA/shards128" \
             --output-dir /tmp/run_fp16_$mode --set mode=$mode --set max_steps=30 --set log_interval=10 \
             --ds fp16.enabled=true --ds fp16.initial_scale_power=16 2>&1 | grep -v "^\[20" | tail -6 \
             | tee "$OUT/fp16_$mode.txt"

@@ -2,16 +2,18 @@
 
     python3 bench/gpu_kernels_check.py          (needs CUDA and triton; a few seconds)
 
-1. The Triton relative-bias kernels against the torch path (RelativeBias): max |difference| of the bias
-   and of the gradients of q, k and both tables, in fp32 and in bf16, and the time of each path
-   (forward + backward) for one layer's bias at batch 16 x 512.
+1. The Triton relative-bias kernels (model/fast/relative_kernels.py) against the torch path (RelativeBias,
+   model/fast/relative_bias.py): max |difference| of the bias and of the gradients of q, k and both
+   tables, in fp32 and in bf16, and the time of each path (forward + backward) for one layer's bias at
+   batch 16 x 512.
 2. The attention dropout on CUDA: backward draws the forward's mask again from the saved generator
-   state (SoftmaxDropoutMatmul); its gradients against autograd's with the mask drawn the same way.
-3. attention_impl "fused" (model/fused_attention.py): tests/test_fused_attention.py's cases on CUDA in
-   fp32 (the kernels against plain torch, dropout with the mask the kernels drew); then one 1.5B layer's
-   attention (projections included), bf16, batch 16 x 512: "fused" against "sdpa" (relative max|diff| of
-   the output and of the input's gradient, no dropout) and the time of each, forward + backward, in
-   training mode with dropout 0.1, and forward alone.
+   state (SoftmaxDropoutMatmul, model/fast/softmax_dropout.py); its gradients against autograd's with the
+   mask drawn the same way.
+3. attention_impl "fused" (model/fast/fused_attention.py): tests/unit/test_fused_attention.py's cases on
+   CUDA in fp32 (the kernels against plain torch, dropout with the mask the kernels drew); then one 1.5B
+   layer's attention (projections included), bf16, batch 16 x 512: "fused" against "sdpa" (relative
+   max|diff| of the output and of the input's gradient, no dropout) and the time of each, forward +
+   backward, in training mode with dropout 0.1, and forward alone.
 """
 import argparse
 import os
@@ -21,11 +23,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from model.attention import RelativeBias, SoftmaxDropoutMatmul  # noqa: E402
-from model.init import draw_keep, dropout_scale, keep_as  # noqa: E402
-from model.relative_kernels import RelativeBiasTriton, available  # noqa: E402
+from model.fast.dropout import draw_keep, dropout_scale, keep_as  # noqa: E402
+from model.fast.relative_bias import RelativeBias  # noqa: E402
+from model.fast.relative_kernels import RelativeBiasTriton, available  # noqa: E402
+from model.fast.softmax_dropout import SoftmaxDropoutMatmul  # noqa: E402
 
 
 def run(function, inputs, grad):
@@ -93,9 +95,9 @@ def cuda_ms(fn, repeat=10):
 
 
 def fused_check(B=16, N=512):
-    from test_fused_attention import CASES, compare
     from model import preset
     from model.attention import DisentangledSelfAttention, relative_position_index
+    from tests.unit.test_fused_attention import CASES, compare
     for case in CASES:
         print(f"fused vs torch, fp32 cuda, case {case}: {compare(*case, device='cuda')}")
     config = preset("xxlarge")

@@ -5,9 +5,10 @@ against transformers (bench/train_step.py).
     python3 bench/gpu_profile.py --out $OUT/profile.txt        (needs CUDA; about a minute on an H200)
 
 1. One layer's attention, forward + backward at the training batch, per variant (transformers,
-   ours "reference", "sdpa" and "fused", and flex attention with the relative bias added inside the kernel, in two
-   forms: a dense [B, H, N, N] bias, and the c2p/p2c products by distance, [B, H, N, 2N], read at
-   column N-1-i+j): time, peak memory, and the top kernels of ours.
+   ours "eager", "sdpa" and "fused" (model/fast/attention_paths.py), and flex attention with the
+   relative bias added inside the kernel, in two forms: a dense [B, H, N, N] bias, and the c2p/p2c
+   products by distance, [B, H, N, 2N], read at column N-1-i+j): time, peak memory, and the top
+   kernels of ours.
 2. A whole training step of ours (MLM + EMD, AdamW), bf16 autocast: step time, the sum of its kernel
    times (a step much longer than its kernels is waiting on the host), and the top kernels.
 Each section is written to the report as soon as it is done.
@@ -26,7 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import train_step  # noqa: E402
 from model import preset  # noqa: E402
-from model.attention import DisentangledSelfAttention, distance_index, relative_position_index  # noqa: E402
+from model.attention import DisentangledSelfAttention, relative_position_index  # noqa: E402
+from model.fast.attention_paths import relative_bias  # noqa: E402
+from model.fast.relative_bias import distance_index  # noqa: E402
 
 
 def parse_args():
@@ -34,8 +37,8 @@ def parse_args():
     p.add_argument("--out", default=None, help="report file (default $OUT/gpu_profile.txt)")
     p.add_argument("--batch", type=int, default=16, help="sequences (default 16)")
     p.add_argument("--seq", type=int, default=512, help="tokens per sequence (default 512)")
-    p.add_argument("--step-impls", default="reference,sdpa",
-                   help="attention paths for the whole-step section, comma-separated (default reference,sdpa); "
+    p.add_argument("--step-impls", default="eager,sdpa",
+                   help="attention paths for the whole-step section, comma-separated (default eager,sdpa); "
                         "the first is profiled")
     p.add_argument("--skip-flex", action="store_true", help="leave out the flex variants")
     p.add_argument("--skip-step", action="store_true", help="leave out the whole-step section")
@@ -94,7 +97,7 @@ def flex_variant(module, rel_index, config, form):
         q, k, v = module.project(hidden, None)
         q = q * (1.0 / module.scale)
         if form == "dense":
-            bias = module.relative_bias(q, k, rel_index, rel_embeddings).view(q.shape[0], q.shape[1], N, N)
+            bias = relative_bias(module, q, k, rel_index, rel_embeddings).view(q.shape[0], q.shape[1], N, N)
 
             def score_mod(score, b, h, i, j):
                 return score + bias[b, h, i, j]
@@ -118,27 +121,27 @@ def attention_section(args, emit):
     rel_index = relative_position_index(N, N, config, device=dev)
     mask4d = torch.ones(B, 1, N, N, dtype=torch.bool, device=dev)
     ours = {impl: DisentangledSelfAttention(config.replace(attention_impl=impl)).to(dev, dt).eval()
-            for impl in ("reference", "sdpa", "fused")}
+            for impl in ("eager", "sdpa", "fused")}
     for impl in ("sdpa", "fused"):
-        ours[impl].load_state_dict(ours["reference"].state_dict())
+        ours[impl].load_state_dict(ours["eager"].state_dict())
     variants = {impl: (lambda m=m: m(hidden, mask4d, rel_index, rel_embeddings)) for impl, m in ours.items()}
     try:
         from transformers import DebertaV2Config
         from transformers.models.deberta_v2.modeling_deberta_v2 import DisentangledSelfAttention as Theirs
         theirs = Theirs(DebertaV2Config(**config.to_dict())).to(dev, dt).eval()
-        theirs.load_state_dict(ours["reference"].state_dict())
+        theirs.load_state_dict(ours["eager"].state_dict())
         variants = dict(theirs=lambda: theirs(hidden, mask4d, relative_pos=None, rel_embeddings=rel_embeddings)[0],
                         **variants)
     except ImportError:
         emit("transformers not available")
     if not args.skip_flex:
         for form in ("dense", "distance"):
-            f = flex_variant(ours["reference"], rel_index, config, form)
+            f = flex_variant(ours["eager"], rel_index, config, form)
             variants[f"flex_{form}"] = lambda f=f: f(hidden, mask4d, rel_embeddings)
     emit(f"\n== attention alone: one layer, batch {B} x seq {N}, 24 heads x 64, bf16, no dropout")
-    emit(f"{'variant':14s} {'fwd+bwd ms':>10s} {'peak GB':>8s} {'fwd ms':>8s}  max|diff| vs reference")
+    emit(f"{'variant':14s} {'fwd+bwd ms':>10s} {'peak GB':>8s} {'fwd ms':>8s}  max|diff| vs eager")
     with torch.no_grad():
-        reference = variants["reference"]().float()
+        reference = variants["eager"]().float()
     for name, fn in variants.items():
         t0 = time.perf_counter()
         try:
@@ -152,7 +155,7 @@ def attention_section(args, emit):
             with torch.no_grad():
                 infer_ms = 1e3 * timed(fn, dev)
             emit(f"{name:14s} {train_ms:10.2f} {peak:8.2f} {infer_ms:8.2f}  {diff}  (first call to last {time.perf_counter() - t0:.0f} s)")
-            if name in ("reference", "sdpa", "fused"):
+            if name in ("eager", "sdpa", "fused"):
                 kernel_table(lambda: fn().backward(grad), emit, 15, f"attention {name}, fwd+bwd")
         except Exception as e:
             emit(f"{name:14s} failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")

@@ -1,9 +1,9 @@
 """The full 1.5B (xxlarge) forward, ours against transformers' DebertaV2Model on the same random weights.
 
 transformers builds and initialises the model; ours is built on the meta device and takes transformers'
-tensors themselves (normalise_keys, then a strict load with assign=True: every key present, every shape
-equal), so the weights exist once: about 6.5 GB of RAM in fp32 instead of 13. Prints the largest
-difference of the last hidden state on valid (unpadded) tokens.
+tensors themselves (keys mapped by model/state_dict_adapter.py, then a strict load with assign=True: every
+key present, every shape equal), so the weights exist once: about 6.5 GB of RAM in fp32 instead of 13.
+Prints the largest difference of the last hidden state on valid (unpadded) tokens.
 
     .venv/bin/python bench/parity_1p5b.py                 # CPU, fp32, 1 x 128 tokens: a few minutes
     .venv/bin/python bench/parity_1p5b.py --device cuda
@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from model import DebertaModel, preset  # noqa: E402
-from model.release import model_keys, normalise_keys  # noqa: E402
+from model import state_dict_adapter as keys  # noqa: E402
 
 
 def parse_args():
@@ -29,7 +29,8 @@ def parse_args():
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--pad-from", type=int, default=100,
                    help="the last sequence is padded from this position on, to exercise the mask (default 100)")
-    p.add_argument("--attention-impl", default="reference", choices=["reference", "sdpa"], help="our attention path")
+    p.add_argument("--attention-impl", default="eager", choices=["math", "eager", "sdpa"],
+                   help="our attention path: math (the plain formula), eager or sdpa (default eager)")
     p.add_argument("--layers", type=int, default=None, help="fewer layers, for a quick try (default: all 48)")
     p.add_argument("--seed", type=int, default=0, help="weights and input seed (default 0)")
     return p.parse_args()
@@ -50,10 +51,10 @@ def main():
 
     with torch.device("meta"):
         ours = DebertaModel(config)
-    state = normalise_keys(theirs.state_dict(), source="transformers")
-    expected = model_keys(ours, "base")
-    own = {k[len("deberta."):]: state[k] for k in expected if k in state}
-    unexpected = sorted(set(state) - set(expected))
+    state = keys.from_release_state(theirs.state_dict())  # transformers' keys -> ours (release layout)
+    expected = {keys.to_release(k, "base") for k in ours.state_dict()}
+    own = {keys.to_model(k, "base"): state[k] for k in expected if k in state}
+    unexpected = sorted(set(state) - expected)
     if unexpected:
         raise SystemExit(f"transformers has keys ours lacks: {unexpected[:10]}")
     ours.load_state_dict(own, strict=True, assign=True)  # strict: every key; shapes are checked too

@@ -16,14 +16,18 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline import corpus, tokenizer  # noqa: E402
-from pipeline.data import build_pretrain_loader  # noqa: E402
+from pipeline.data import corpus, tokenizer  # noqa: E402
+from pipeline.data.mlm_loader import build_pretrain_loader  # noqa: E402
 
+# `deberta-ds preprocess` (pipeline/data/preprocess.py) in a process of its own, its options parsed by the
+# command's own parser (every other option at the command's default)
 CHILD = """
 import json, resource, sys, time, argparse
 sys.path.insert(0, {root!r})
-from pipeline import preprocess
-args = argparse.Namespace(**json.loads(sys.argv[1]))
+from pipeline.data import preprocess
+parser = argparse.ArgumentParser()
+preprocess.add_arguments(parser)
+args = parser.parse_args(json.loads(sys.argv[1]))
 start = time.perf_counter()
 preprocess.preprocess(args, 0, 1)
 seconds = time.perf_counter() - start
@@ -33,9 +37,8 @@ print(json.dumps({{"seconds": seconds, "peak_rss_mib": peak / 1024}}))
 
 
 def run_preprocess(files, spm_path, out_dir, workers):
-    args = dict(input=files, dataset=None, dataset_config=None, dataset_split="train", text_field="text",
-                max_line_bytes=1 << 24, tokenizer=spm_path, output_dir=out_dir, max_seq_len=512, workers=workers,
-                num_shards=None, shard_index=None, split_by="auto", shard_tokens=1 << 27, no_progress=True)
+    args = ["--input", *files, "--tokenizer", spm_path, "--output-dir", out_dir, "--max-seq-len", "512",
+            "--workers", str(workers), "--max-line-bytes", str(1 << 24), "--no-progress"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", CHILD.format(root=root), json.dumps(args)],
                             check=True, capture_output=True, text=True)

@@ -9,13 +9,13 @@ longer than the kernels it launches. This benchmark measures the whole step of e
   z1, z2   DeepSpeedEngine with ZeRO-1, ZeRO-2
   z3       ZeRO-3 with hooks on every module (zero3_leaf_layers=false)
   z3_leaf  ZeRO-3 with the encoder layers gathered whole, as DeepSpeed leaf modules (the default;
-           pipeline/engine.py, leaf_layers)
+           pipeline/train/zero3.py, leaf_layers)
 
-Engines are built by pipeline.engine.build_engine and stepped by pipeline.pretrain.zero_step, as
-`deberta-ds pretrain` does, from the settings of configs/pretrain_xxlarge.json (EMD, activation
-checkpointing) and the ZeRO settings of --deepspeed (default ds_configs/zero3_bf16.json); only the stage
-and the leaf setting change between variants. Each variant runs in a process of its own (world size 1),
-so none inherits another's allocations or hooks.
+Engines are built by pipeline.train.engine.build_stepper (a Zero3Stepper, pipeline/train/zero3.py) and
+stepped by its train_step, as `deberta-ds pretrain` does, from the settings of configs/pretrain_xxlarge.json
+(EMD, activation checkpointing) and the ZeRO settings of --deepspeed (default: the shipped zero3_bf16,
+ds_configs/zero3_bf16.json); only the stage and the leaf setting change between variants. Each variant
+runs in a process of its own (world size 1), so none inherits another's allocations or hooks.
 
 Default shape (the CPU): the 1.5B preset's depth, 48 layers, at hidden size 64, batch 2 x 64 tokens, so
 that compute is small and the step is mostly fixed work. --hidden 0 keeps the preset's width: the real
@@ -48,8 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=2, help="micro-batch (default 2)")
     p.add_argument("--seq", type=int, default=64, help="tokens per sequence (default 64)")
     p.add_argument("--no-checkpointing", action="store_true", help="without activation checkpointing")
-    p.add_argument("--deepspeed", default=os.path.join(ROOT, "ds_configs", "zero3_bf16.json"),
-                   help="DeepSpeed config whose ZeRO settings the variants share (default ds_configs/zero3_bf16.json)")
+    p.add_argument("--deepspeed", default="zero3_bf16",
+                   help="DeepSpeed config whose ZeRO settings the variants share: a path or a shipped name "
+                        "(default zero3_bf16: ds_configs/zero3_bf16.json)")
     p.add_argument("--ds", action="append", default=[], metavar="KEY=VALUE",
                    help="override a DeepSpeed-config setting for all variants, as `deberta-ds pretrain --ds`")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {','.join(VARIANTS)}")
@@ -67,7 +68,7 @@ def parse_args(argv=None):
 
 
 def run_config(args, variant):
-    from pipeline.run_config import RunConfig
+    from pipeline.train.config import RunConfig
     # no dropout: every variant computes the same loss in its first step (before any update: bare does not
     # clip gradients), a check that they all run the same model on the same batch
     overrides = {"num_hidden_layers": args.layers, "vocab_size": 1000 if args.hidden else 128100,
@@ -82,11 +83,12 @@ def run_config(args, variant):
 
 
 def ds_config(args, run, variant):
-    from pipeline.run_config import complete_ds_config, load_ds_config
-    ds = load_ds_config(args.deepspeed, args.ds)
+    from pipeline.ds_config import load_ds_config
+    from pipeline.train.preflight import complete_for_run
+    ds, path = load_ds_config(args.deepspeed, args.ds)
     ds["bf16"] = {"enabled": args.dtype == "bf16"}
     ds["zero_optimization"]["stage"] = STAGE[variant]
-    return complete_ds_config(run, ds, 1, source=args.deepspeed)
+    return complete_for_run(run, ds, 1, source=path)
 
 
 def batch_of(config, args, device):
@@ -100,14 +102,15 @@ def batch_of(config, args, device):
 def bare_step(args, run, device):
     import torch
     from model import DebertaForMaskedLM
-    from pipeline.engine import build_optimizer, torch_checkpoint
+    from pipeline.optim import build_optimizer
+    from pipeline.train.zero3 import torch_checkpoint
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.manual_seed(0)
     with torch.device(device):
         model = DebertaForMaskedLM(run.model_config(), emd=run.emd).to(dtype)
     if run.activation_checkpointing:
         model.deberta.encoder.checkpoint_fn = torch_checkpoint
-    optimizer = build_optimizer(run, model)
+    optimizer = build_optimizer(model, run.lr, run.adam_betas, run.adam_eps, run.weight_decay, run.optimizer)
     batch = batch_of(model.config, args, device)
 
     def step():
@@ -121,12 +124,12 @@ def bare_step(args, run, device):
 
 def engine_step(args, run, variant, device):
     import torch
-    from pipeline.engine import build_engine
-    from pipeline.pretrain import zero_step
+    from pipeline.train.engine import build_stepper
     torch.manual_seed(0)
-    engine, module = build_engine(run, ds_config(args, run, variant), run.model_config(), 0)
-    data = itertools.repeat(batch_of(module.config, args, engine.device))
-    return (lambda: zero_step(engine, data, 1, engine.device)[0]), module
+    stepper = build_stepper(run, ds_config(args, run, variant), run.model_config(), 0)
+    # one optimizer step = gradient_accumulation_steps micro-batches (1 here: micro-batch = global batch)
+    data = itertools.repeat(batch_of(stepper.module.config, args, stepper.device))
+    return (lambda: stepper.train_step(data)["loss"]), stepper.module
 
 
 def child(args):
@@ -172,6 +175,12 @@ def profile_counts(step, steps=3):
     return {"python_calls_per_step": stats.total_calls // steps, "fetches_per_step": fetches // steps}
 
 
+def deepspeed_source(name_or_path):
+    """The DeepSpeed config file --deepspeed names (a path, or a shipped name), relative to the root."""
+    from pipeline.settings import config_file
+    return os.path.relpath(config_file(name_or_path, "deepspeed"), ROOT)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -185,7 +194,7 @@ def main(argv=None):
     forwarded = list(argv if argv is not None else sys.argv[1:])
     print(f"# {args.layers} layers, hidden {args.hidden or 'of the preset'}, batch {args.batch} x {args.seq}, "
           f"{args.dtype} on {args.device}, activation checkpointing {'off' if args.no_checkpointing else 'on'}, "
-          f"ZeRO settings from {os.path.relpath(args.deepspeed, ROOT)} {' '.join(args.ds)}", flush=True)
+          f"ZeRO settings from {deepspeed_source(args.deepspeed)} {' '.join(args.ds)}", flush=True)
     results = {}
     for variant in args.variants.split(","):
         env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
