@@ -12,11 +12,13 @@
   7. predict     the leaderboard-format submission file
 
 Everything goes to demo_out/ (or $DEMO_OUT); each step is a `deberta-ds` command, printed before it runs.
+Shorter: DEMO_PRETRAIN_STEPS (default 600), DEMO_FINETUNE_EPOCHS (default 6).
 """
 import json
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.abspath(os.environ.get("DEMO_OUT", os.path.join(ROOT, "demo_out")))
 PRETRAIN_STEPS = int(os.environ.get("DEMO_PRETRAIN_STEPS", "600"))
 OBJECTIVE = os.environ.get("DEMO_OBJECTIVE", "mlm")  # mlm (DeBERTa-v2) or rtd (DeBERTa-v3)
+FINETUNE_EPOCHS = int(os.environ.get("DEMO_FINETUNE_EPOCHS", "6"))
 ENV = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 # a keyword question the tiny model can learn: is the word in the passage?
 KEYWORD = "return"
@@ -64,6 +67,12 @@ def last_line(path):
         text = f.read().decode("utf-8", "replace").replace("\r", "\n")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else "(no output yet)"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cli(*args):
@@ -134,8 +143,13 @@ def main():
     if OBJECTIVE not in ("mlm", "rtd"):
         sys.exit(f"error: DEMO_OBJECTIVE={OBJECTIVE!r}: use mlm (DeBERTa-v2) or rtd (DeBERTa-v3)")
     started = time.time()
-    shutil.rmtree(OUT, ignore_errors=True)
+    marker = os.path.join(OUT, ".deberta-ds-demo")
+    if os.path.exists(OUT) and os.listdir(OUT) and not os.path.exists(marker):
+        sys.exit(f"error: {OUT} holds files the demo did not make; the demo replaces its output directory, so "
+                 "choose another DEMO_OUT (or empty this one)")
+    shutil.rmtree(OUT, ignore_errors=True)  # a previous demo's output
     os.makedirs(os.path.join(OUT, "logs"))
+    open(marker, "w").close()
     corpus, shards, valid, run, release = (os.path.join(OUT, n) for n in ("corpus", "shards", "valid", "run",
                                                                           "release"))
     step("1. corpus", cli("corpus", "--output", corpus), "corpus.log")
@@ -151,12 +165,13 @@ def main():
                                      "--workers", "1", "--no-progress"), "preprocess_valid.log")
     step(f"4. pretrain {'MLM+EMD' if OBJECTIVE == 'mlm' else 'RTD (generator + discriminator)'}"
          " (ZeRO-3, 2 CPU ranks)",
-         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
           "-m", "pipeline.cli", "pretrain", "--config", "configs/pretrain_tiny_cpu.json", "--deepspeed",
           "ds_configs/cpu_zero3_fp32.json", "--data-dir", shards, "--valid-data-dir", valid, "--output-dir", run,
           "--set", f"eval_interval={PRETRAIN_STEPS // 4}", "--set", f"max_steps={PRETRAIN_STEPS}",
           "--set", f"save_interval={PRETRAIN_STEPS // 2}",
-          "--set", f"warmup_steps={PRETRAIN_STEPS // 10}", "--set", "log_interval=50",
+          "--set", f"warmup_steps={PRETRAIN_STEPS // 10}",
+          "--set", f"log_interval={max(1, min(50, PRETRAIN_STEPS // 12))}",
           "--set", f"objective={OBJECTIVE}"], "pretrain.log")
     step("5. convert to a release (and verify it in transformers)",
          cli("convert", "to-release", "--checkpoint", os.path.join(run, "checkpoints"), "--output", release,
@@ -165,7 +180,8 @@ def main():
     step("6. fine-tune BoolQ-format task with SiFT",
          cli("finetune", "--task", "BoolQ", "--release", release, "--data-dir", os.path.join(OUT, "superglue"),
              "--output-dir", os.path.join(OUT, "finetune"), "--deepspeed", "ds_configs/finetune_cpu.json",
-             "--epochs", "6", "--batch-size", "16", "--lr", "1e-3", "--warmup-steps", "10", "--max-seq-len", "128",
+             "--epochs", str(FINETUNE_EPOCHS), "--batch-size", "16", "--lr", "1e-3", "--warmup-steps", "10",
+             "--max-seq-len", "128",
              "--sift", "on", "--sift-lambda", "1"), "finetune.log")
     step("7. predict: leaderboard submission file",
          cli("predict", "--task", "BoolQ", "--model", os.path.join(OUT, "finetune", "best"), "--data-dir",
