@@ -76,17 +76,46 @@ def raise_on_every_rank(error, source_rank=0):
         raise error
 
 
+def as_user_error(error):
+    """A DebertaDSError as it is, an OSError on a path (a full disk, a permission) as an OutputError naming
+    the path; anything else None (a bug: it keeps its traceback)."""
+    from pipeline.errors import DebertaDSError, OutputError
+    if isinstance(error, DebertaDSError):
+        return error
+    if isinstance(error, OSError) and error.filename is not None:
+        return OutputError(f"{error.filename}: {error.strerror or error}")
+    return None
+
+
 def run_and_finish(main, *args):
-    """main(*args) -> exit code, a user's error (DebertaDSError) as one line `error: ...` and code 1, then
-    finish(code)."""
-    from pipeline.errors import DebertaDSError
+    """main(*args) -> exit code, a user's error (DebertaDSError, or an OSError on a path) as one line
+    `error: ...` and code 1, then finish(code). A bug keeps its traceback, and the run lock is released."""
     try:
         code = main(*args)
-    except DebertaDSError as error:
+    except Exception as error:  # noqa: BLE001 (sorted below: a user's error or a bug)
+        user_error = as_user_error(error)
+        if user_error is None:
+            RunLock.release_all()
+            raise
         where = f" (rank {os.environ.get('RANK')})" if distributed() and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-        print(f"error{where}: {error}", file=sys.stderr)
+        print(f"error{where}: {user_error}", file=sys.stderr)
         code = EXIT_BAD_INPUT
     return finish(code)
+
+
+def on_rank_zero(rank, action, *args):
+    """action(*args) on rank 0 only (a file only rank 0 writes); a user's error there is raised on every rank,
+    so the others stop too instead of waiting in their next collective. Returns action's result on rank 0."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = action(*args)
+        except Exception as e:  # noqa: BLE001
+            error = as_user_error(e)
+            if error is None:
+                raise
+    raise_on_every_rank(error)
+    return result
 
 
 def finish(code):
@@ -238,23 +267,36 @@ def lock_run_directory(directory, rank, what="run"):
                 print(message, file=sys.stderr)
         except RunLockedError as e:
             error = e
+        except OSError as e:  # the directory cannot be created or written
+            error = as_user_error(e) or RunLockedError(f"{directory}: cannot take the run lock ({e})")
     raise_on_every_rank(error)
 
 
 # ---------------------------------------------------------------- fault injection (tests)
 def fault_points():
-    """DEBERTA_DS_FAULT, e.g. "kill:4" (SIGKILL every rank after optimizer step 4) or "signal:5,16" (rank 0 sends
-    itself SIGUSR1 after steps 5 and 16): how the tests stop a run at a chosen point."""
+    """DEBERTA_DS_FAULT, e.g. "kill:4" (SIGKILL every rank after optimizer step 4), "signal:5,16" (rank 0 sends
+    itself SIGUSR1 after steps 5 and 16) or "fsize:1=200000" (from its first step on, rank 1 can write no file
+    beyond 200000 bytes: a full disk on one node): how the tests break a run at a chosen point."""
     spec = os.environ.get(FAULT_VARIABLE, "")
     if not spec:
         return None, ()
-    kind, _, steps = spec.partition(":")
-    return kind, {int(s) for s in steps.split(",") if s.strip()}
+    kind, _, values = spec.partition(":")
+    if kind == "fsize":
+        rank, _, limit = values.partition("=")
+        return kind, (int(rank), int(limit))
+    return kind, {int(s) for s in values.split(",") if s.strip()}
 
 
 def inject_fault(step, rank):
-    kind, steps = fault_points()
-    if step not in steps:
+    kind, points = fault_points()
+    if kind == "fsize":
+        limited_rank, limit = points
+        if rank == limited_rank:
+            import resource
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        return
+    if step not in points:
         return
     if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)

@@ -35,6 +35,7 @@ from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL
 
 from pipeline.errors import CheckpointError, OutputError
 from pipeline.io import atomic_json
+from pipeline.lifecycle import on_rank_zero
 
 META = "deberta_ds.json"
 TAG = re.compile(r"^global_step(\d+)$")
@@ -86,11 +87,22 @@ def save_file(obj, path):
         raise OutputError(f"{path}: {cause.strerror or cause}") from None
 
 
+_failed_writes = []  # OutputErrors of DeepSpeed's writes during the save in progress (one save at a time)
+
+
 def write_through_python(engine):
-    """DeepSpeed's checkpoint engine writing every file with save_file (done once per engine)."""
+    """DeepSpeed's checkpoint engine writing every file with save_file (done once per engine). A failed write
+    is recorded, not raised: save_checkpoint ends in barriers that every rank must reach, and a rank that left
+    it early (a full disk on one node) would wait in the next collective while the others wait in DeepSpeed's
+    barrier. save() raises the recorded failure once DeepSpeed has returned."""
     checkpoint_engine = engine.checkpoint_engine
     if not getattr(checkpoint_engine, "writes_through_python", False):
-        checkpoint_engine.save = lambda state_dict, path: save_file(state_dict, path)
+        def save_recording(state_dict, path):
+            try:
+                save_file(state_dict, path)
+            except OutputError as error:
+                _failed_writes.append(error)
+        checkpoint_engine.save = save_recording
         checkpoint_engine.writes_through_python = True
 
 
@@ -116,7 +128,14 @@ def save(stepper, ckpt_dir, step, client_state, meta, keep_last, rank):
     state = dict(client_state, step=step, **universal_client_state())
 
     def write_rank_files():
-        stepper.save(ckpt_dir, tag, state)
+        _failed_writes.clear()
+        try:
+            stepper.save(ckpt_dir, tag, state)
+        except OSError:  # DeepSpeed's own writes (it copies zero_to_fp32.py in) after a recorded failure
+            if not _failed_writes:
+                raise
+        if _failed_writes:  # the first failed write names the file that could not be written
+            raise _failed_writes[0]
         save_file(rng_state(), os.path.join(tag_dir, f"rng_rank{rank}.pt"))
 
     def write_meta():
@@ -178,8 +197,10 @@ def read_meta(tag_dir):
             meta = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path}: cannot read ({error})") from None
-    if not isinstance(meta, dict) or "model_config" not in meta or "mode" not in meta:
-        raise CheckpointError(f"{path}: not a deberta-ds checkpoint meta file (no model_config or mode)")
+    # a JSON object: pretraining's (model_config, mode, data, ...) or fine-tuning's (run); each caller checks
+    # the keys it reads (check_compatible, resume_position, the converter's read_meta)
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise CheckpointError(f"{path}: not a deberta-ds checkpoint meta file (no step)")
     return meta
 
 
@@ -221,6 +242,21 @@ def prune(ckpt_dir, keep_last):
         shutil.rmtree(os.path.join(ckpt_dir, name + "_universal"), ignore_errors=True)
 
 
+def resume_point(ckpt_dir, rank):
+    """(tag, meta) to resume from, or (None, None) for a fresh run. Rank 0 names each damaged newer tag; a
+    directory whose tags are all damaged is refused: starting over would not continue the run."""
+    tag, meta, damaged = newest_complete(ckpt_dir)
+    if rank == 0:
+        for name, problem in damaged:
+            print(f"checkpoint {name} is damaged ({problem}); "
+                  + (f"resuming from {tag}" if tag else "no complete checkpoint before it"), file=sys.stderr)
+    if tag is None and damaged:
+        raise CheckpointError(f"{ckpt_dir}: no complete checkpoint to resume from ({damaged[-1][0]} is the oldest, "
+                              "damaged); starting over would not continue the run. Move the checkpoints away to "
+                              "start from scratch")
+    return tag, meta
+
+
 def latest(ckpt_dir):
     """The newest complete tag and its meta, or (None, None) (see newest_complete)."""
     tag, meta, _ = newest_complete(ckpt_dir)
@@ -237,6 +273,8 @@ def model_identity(run):
 
 def check_compatible(meta, identity, source):
     """Refuse a checkpoint whose model, mode or objective differ from this run's (model_identity), naming both."""
+    if "model_config" not in meta or "mode" not in meta:
+        raise CheckpointError(f"{source}: not a pretraining checkpoint (its {META} has no model_config or mode)")
     for key in ("model_config", "generator_config"):
         saved, now = meta.get(key), identity.get(key)
         if saved is None or now is None:
@@ -258,7 +296,10 @@ def check_compatible(meta, identity, source):
 def ensure_universal(ckpt_dir, tag, rank):
     """Convert tag to DeepSpeed's universal format (once; rank 0 works, the others wait)."""
     target = os.path.join(ckpt_dir, tag + "_universal")
-    if rank == 0 and not os.path.exists(os.path.join(target, "done")):
+
+    def convert():
+        if os.path.exists(os.path.join(target, "done")):
+            return
         shutil.rmtree(target, ignore_errors=True)
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                os.path.join(ckpt_dir, tag), "--output_folder", target, "--num_extract_workers", "1",
@@ -267,7 +308,8 @@ def ensure_universal(ckpt_dir, tag, rank):
         if result.returncode != 0:
             raise CheckpointError(f"ds_to_universal failed on {os.path.join(ckpt_dir, tag)}:\n{result.stderr[-3000:]}")
         open(os.path.join(target, "done"), "w").close()
-    dist.barrier()
+
+    on_rank_zero(rank, convert)  # the others wait in it, and stop with rank 0's error
     return tag + "_universal"
 
 
@@ -292,6 +334,13 @@ def load_engine(engine, ckpt_dir, tag):
     for state in optimizer.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
+    # ... and its learning rate: the scheduler's state is restored, but it rewrites the groups' rates only at
+    # its next step, so until then every group would run at group 0's rate (rtd: the discriminator at the
+    # generator's lr); set each group's from the restored scheduler (unchanged where nothing was copied)
+    scheduler = getattr(engine, "lr_scheduler", None)
+    if scheduler is not None and path is not None:
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
     if path is None:
         raise CheckpointError(f"{os.path.join(ckpt_dir, tag)}: DeepSpeed could not load this checkpoint")
     return client_state

@@ -84,29 +84,31 @@ def data_identity(run, tokenizer):
     return identity
 
 
-def check_same_data(saved, now, source, accept_change):
-    """Refuse a resume on other data, naming both; True when the change is accepted (--accept-data-change)."""
+def check_same_data(meta, now, source, accept_change):
+    """Refuse a resume on other data, naming both. True when the training shards changed and the change is
+    accepted (--accept-data-change): the loader then starts them from their first sample. Another validation
+    set alone is accepted the same way but leaves the training cursor where it is."""
     from pipeline.errors import CheckpointError
-    if saved is None:  # a checkpoint of a build that recorded no data identity: only its tokenizer is known
-        return False
-    if saved["tokenizer_sha256"] != now["tokenizer_sha256"]:
+    saved = meta.get("data") or {"tokenizer_sha256": meta.get("tokenizer_sha256")}  # older builds: tokenizer only
+    if saved["tokenizer_sha256"] and saved["tokenizer_sha256"] != now["tokenizer_sha256"]:
         raise CheckpointError(f"{source}: trained with tokenizer sha256 {saved['tokenizer_sha256'][:16]}..., this run's "
                               f"is {now['tokenizer_sha256'][:16]}...: the model's embeddings belong to the checkpoint's "
                               "tokenizer. Use its shards (and spm.model), or start a new run (convert to a release, "
                               "then init_from_release) to change tokenizers")
-    differs = [k for k in ("shards_sha256", "num_samples", "max_seq_len") if saved.get(k) != now.get(k)]
+    if not meta.get("data"):
+        return False
+    training = [k for k in ("shards_sha256", "num_samples", "max_seq_len") if saved.get(k) != now.get(k)]
+    differs = list(training)
     # the validation set only matters where both have one (evaluating or not leaves training as it is)
     if saved.get("valid_shards_sha256") and now.get("valid_shards_sha256") and \
             saved["valid_shards_sha256"] != now["valid_shards_sha256"]:
         differs.append("valid_shards_sha256")
-    if not differs:
-        return False
-    if not accept_change:
+    if differs and not accept_change:
         detail = "; ".join(f"{k}: checkpoint {str(saved.get(k))[:16]} vs now {str(now.get(k))[:16]}" for k in differs)
         raise CheckpointError(f"{source}: trained on other data than --data-dir/--valid-data-dir give ({detail}). Point "
                               "them at the run's shards, or add --accept-data-change to continue on these ones "
                               "deliberately (recorded in the checkpoint)")
-    return True
+    return bool(training)
 
 
 def train(run, ds, env, accept_data_change=False):
@@ -119,7 +121,6 @@ def train(run, ds, env, accept_data_change=False):
     from pipeline.train.engine import build_stepper
     from pipeline.train.evaluate import build_valid_loader, due, evaluate
     from pipeline.train.monitor import Monitor, guess_peak_tflops, run_flops_per_token
-    from pipeline.errors import CheckpointError
     from pipeline.io import make_dirs
     from pipeline.lifecycle import lock_run_directory
     from pipeline.train.preflight import dp_size_of
@@ -134,20 +135,12 @@ def train(run, ds, env, accept_data_change=False):
     data = data_identity(run, tokenizer)
 
     # resume plan, decided before the engine exists (a universal load is an engine setting)
-    tag, meta, damaged = checkpoint.newest_complete(ckpt_dir)
-    if rank == 0:
-        for name, problem in damaged:
-            print(f"checkpoint {name} is damaged ({problem}); "
-                  + (f"resuming from {tag}" if tag else "no complete checkpoint before it"), file=sys.stderr)
-    if tag is None and damaged:
-        raise CheckpointError(f"{ckpt_dir}: no complete checkpoint to resume from ({damaged[-1][0]} is the oldest, "
-                              "damaged); starting over would not continue the run. Move the checkpoints away to "
-                              "start from scratch")
+    tag, meta = checkpoint.resume_point(ckpt_dir, rank)
     universal, data_changed, history = False, False, []
     if tag is not None:
         source = os.path.join(ckpt_dir, tag)
         checkpoint.check_compatible(meta, checkpoint.model_identity(run), source)
-        data_changed = check_same_data(meta.get("data"), data, source, accept_data_change)
+        data_changed = check_same_data(meta, data, source, accept_data_change)
         history = meta.get("data_history", [])
         if meta["dp_size"] != dp_size or meta["pipeline_stages"] != run.pipeline_stages:
             tag = checkpoint.ensure_universal(ckpt_dir, tag, rank)

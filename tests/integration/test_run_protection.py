@@ -3,6 +3,7 @@ own data, one run holds its directory, a damaged newest checkpoint falls back to
 losses of an uninterrupted run, and a save that cannot write keeps the previous checkpoint."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -66,6 +67,23 @@ def test_a_resume_on_other_shards_is_refused_and_accepted_only_when_asked(four_s
     assert again.returncode == 0, explain(again)    # the run's data now are these: no flag needed
 
 
+def test_another_validation_set_accepted_on_resume_leaves_the_training_order_as_it_was(four_steps, tiny_shards,
+                                                                                       valid_shards, tmp_path):
+    """Only the held-out shards change: refused without the flag, and with it the training cursor is kept, so
+    the losses are those of the uninterrupted run (a training-data change would restart the shards' order)."""
+    run = copy_at_step_2(four_steps, tmp_path, keep_4=False)
+    with_valid = pretrain(tiny_shards, run, sets=SETS + ["max_steps=3"], args=["--valid-data-dir", str(valid_shards)])
+    assert with_valid.returncode == 0, explain(with_valid)
+    other_valid = ["--valid-data-dir", str(tiny_shards)]
+    refused = pretrain(tiny_shards, run, sets=SETS, args=other_valid)
+    assert refused.returncode == 1 and "(valid_shards_sha256: checkpoint" in refused.stderr, explain(refused)
+    accepted = pretrain(tiny_shards, run, sets=SETS, args=other_valid + ["--accept-data-change"])
+    assert accepted.returncode == 0, explain(accepted)
+    assert "data change accepted" not in accepted.stderr
+    reference, got = losses(four_steps), losses(run)
+    assert [got[s] for s in (3, 4)] == [reference[s] for s in (3, 4)]
+
+
 def test_a_resume_with_another_tokenizer_is_always_refused(four_steps, other_tokenizer_shards, tmp_path):
     run = copy_at_step_2(four_steps, tmp_path)
     for args in ([], ["--accept-data-change"]):
@@ -121,6 +139,22 @@ def test_a_save_that_cannot_write_names_the_file_and_keeps_the_previous_checkpoi
     resumed = pretrain(tiny_shards, run, sets=SETS)
     assert resumed.returncode == 0, explain(resumed)
     assert losses(run)[4] == losses(four_steps)[4]
+
+
+def test_a_save_that_fails_on_one_rank_only_stops_every_rank_with_its_message(four_steps, tiny_shards, tmp_path):
+    """Rank 1 alone cannot write beyond 200 kB (DEBERTA_DS_FAULT fsize): its optimizer shard fails inside
+    DeepSpeed's save_checkpoint, whose barriers both ranks must still reach; both stop with rank 1's message
+    (no hang: the helper's timeout would fail the test), and step 2 stays."""
+    run = copy_at_step_2(four_steps, tmp_path, keep_4=False)
+    failed = pretrain(tiny_shards, run, sets=SETS, extra_env={"DEBERTA_DS_FAULT": "fsize:1=200000"}, timeout=300)
+    assert failed.returncode != 0
+    # the two ranks' lines may run together in the captured stderr: find each one by its prefix
+    errors = re.findall(r"error \(rank (\d)\): saving checkpoint \S+ failed: (\S+): File too large; the previous "
+                        r"checkpoint global_step2 is kept", failed.stderr)
+    assert sorted(rank for rank, _ in errors) == ["0", "1"], failed.stderr[-3000:]
+    assert all(path.endswith("zero_pp_rank_1_mp_rank_00_optim_states.pt") for _, path in errors)  # rank 1's file
+    assert no_traceback_of_ours(failed.stderr)
+    assert sorted(n for n in os.listdir(run / "checkpoints") if n.startswith("global")) == ["global_step2"]
 
 
 def test_a_second_run_on_the_same_directory_is_refused_with_the_holders_identity(tiny_shards, tmp_path):
