@@ -231,10 +231,10 @@ def full_fp32_tensors(module):
 
 def save_best(engine, task, out_dir, spm_path, dtype, rank):
     from pipeline.release import save_release
-    tensors = full_fp32_tensors(engine.module)
-    if rank == 0:
-        save_release(engine.module, out_dir, spm_path=spm_path, dtype=getattr(torch, dtype), tensors=tensors,
-                     extra_config=release_labels(task), overwrite=True)
+    from pipeline.lifecycle import on_rank_zero
+    tensors = full_fp32_tensors(engine.module)  # a collective under ZeRO-3: every rank takes part
+    on_rank_zero(rank, lambda: save_release(engine.module, out_dir, spm_path=spm_path, dtype=getattr(torch, dtype),
+                                            tensors=tensors, extra_config=release_labels(task), overwrite=True))
 
 
 def metrics_table(task, epochs, best_epoch):
@@ -264,7 +264,7 @@ def resume_position(engine, ckpt_dir, identity, rank):
     """The loop position saved in ckpt_dir ({} if none), after loading the engine, optimizer, schedule and
     every rank's RNG states from it."""
     from pipeline.train import checkpoint
-    tag, meta = checkpoint.latest(ckpt_dir)
+    tag, meta = checkpoint.resume_point(ckpt_dir, rank)
     if tag is None:
         return {}
     saved = meta.get("run", {})
@@ -296,7 +296,8 @@ def finetune(args):
     from pipeline.finetune.tasks import get_task
     from pipeline.io import atomic_json, make_dirs
     from pipeline.launch.env import discover_env
-    from pipeline.lifecycle import EXIT_OK, EXIT_REQUEUE, StopFlag, any_rank, inject_fault, lock_run_directory, mean_over_ranks
+    from pipeline.lifecycle import EXIT_OK, EXIT_REQUEUE, StopFlag, any_rank, inject_fault, lock_run_directory, mean_over_ranks, \
+        on_rank_zero
     from pipeline.optim import build_optimizer, lr_schedule
 
     task = get_task(args.task)
@@ -382,7 +383,7 @@ def finetune(args):
                 log(f"stopping on {stop.raised or 'a signal on another rank'} after optimizer step {step} "
                     f"(epoch {epoch}): checkpoint saved in {ckpt_dir}; exit {EXIT_REQUEUE} (run again to resume)")
                 return EXIT_REQUEUE
-        train_loss, task_loss, adv_loss = mean_over_ranks((sums / max(len(micro_batches), 1)).tolist())
+        train_loss, task_loss, adv_loss = mean_over_ranks((sums / max(len(micro_batches), 1)).tolist(), engine.device)
         scores = evaluate(engine, task, val_examples, val_features, settings.eval_batch_size, rank, world_size)
         record = {"epoch": epoch, "step": epoch * steps_per_epoch, "lr": engine.get_lr()[0],
                   "train_loss": train_loss, "task_loss": task_loss,
@@ -402,8 +403,8 @@ def finetune(args):
                "deepspeed_config": ds_path, "world_size": world_size, "settings": settings.to_dict(),
                "epochs": epochs, "best": {"epoch": best["epoch"], "score": best["val"]["score"],
                                           "val": best["val"], "release": best_dir}}
+    on_rank_zero(rank, atomic_json, os.path.join(args.output_dir, "metrics.json"), summary)
     if rank == 0:
-        atomic_json(os.path.join(args.output_dir, "metrics.json"), summary)
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is complete: nothing to resume
         print(metrics_table(task, epochs, best["epoch"]), flush=True)
         print(f"best: epoch {best['epoch']}, {task.name} val score {best['val']['score']:.4f} -> {best_dir}",
