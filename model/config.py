@@ -15,6 +15,8 @@ ATTENTION_IMPLS = ("auto", "math", "eager", "sdpa", "fused")
 ATTENTION_ALIASES = {"reference": "eager"}
 
 
+ACTIVATION_NAMES = ("gelu", "relu", "tanh")  # the functions of model/layers.py ACTIVATIONS
+
 @dataclass
 class DebertaConfig:
     # transformers' keys and defaults (configuration_deberta_v2.py)
@@ -87,6 +89,12 @@ class DebertaConfig:
 
     def validate(self):
         problems = []
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "max_position_embeddings", "conv_groups"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if problems:  # the checks below divide by these
+            raise ValueError("invalid DeBERTa config: " + "; ".join(problems))
         if self.hidden_size % self.num_attention_heads:
             problems.append(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
         unknown = set(self.pos_att_type) - {"c2p", "p2c"}
@@ -103,9 +111,14 @@ class DebertaConfig:
             problems.append(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
         if self.norm_rel_ebd not in ("none", "layer_norm"):
             problems.append(f"norm_rel_ebd {self.norm_rel_ebd!r} is not 'none' or 'layer_norm'")
-        for name in ("vocab_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0 <= getattr(self, name) < 1:
+                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.cls_dropout is not None and not 0 <= self.cls_dropout < 1:
+            problems.append(f"cls_dropout must be in [0, 1), got {self.cls_dropout}")
+        for name in ("hidden_act", "conv_act", "pooler_hidden_act"):
+            if getattr(self, name) not in ACTIVATION_NAMES:
+                problems.append(f"{name} {getattr(self, name)!r} is not one of {list(ACTIVATION_NAMES)}")
         if problems:
             raise ValueError("invalid DeBERTa config: " + "; ".join(problems))
 

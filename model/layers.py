@@ -13,7 +13,7 @@ from torch import nn
 from model.fast.dropout import dropout_keep_mask
 from model.fast.memory import ActivationThenLinear, AutocastLinear, autocast_dtype_for
 
-ACTIVATIONS = {"gelu": F.gelu, "tanh": torch.tanh, "relu": F.relu}
+ACTIVATIONS = {"gelu": F.gelu, "tanh": torch.tanh, "relu": F.relu}  # the names model/config.py accepts
 
 
 def activation(name):

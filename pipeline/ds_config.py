@@ -42,7 +42,31 @@ def load_ds_config(name_or_path, overrides=()):
             raise ConfigError(f"{path}: unknown DeepSpeed setting {key!r}{closest(key, KNOWN_KEYS)}; DeepSpeed "
                               "would ignore it")
     ds.pop("comment", None)
+    check_shapes(ds, f"{path} with --ds" if overrides else path)  # a bad value may come from either
     return ds, path
+
+
+SECTIONS = ("zero_optimization", "fp16", "bf16", "bfloat16", "activation_checkpointing", "checkpoint", "pipeline",
+            "tensorboard", "wandb", "csv_monitor", "flops_profiler", "comms_logger", "data_types", "aio")
+
+
+def check_shapes(ds, path):
+    """The sections this code reads are objects, the ZeRO stage one of 0-3: `--ds bf16=true` (meant:
+    bf16.enabled=true) is named here, not an AttributeError later."""
+    for section in SECTIONS:
+        if section in ds and not isinstance(ds[section], dict):
+            raise ConfigError(f"{path}: DeepSpeed setting {section!r} must be an object, got {ds[section]!r} "
+                              f"(a value inside it: --ds {section}.KEY=VALUE, e.g. "
+                              f"{'zero_optimization.stage=3' if section == 'zero_optimization' else section + '.enabled=true'})")
+    for parent in ("zero_optimization",):
+        for child in ("offload_optimizer", "offload_param"):
+            value = ds.get(parent, {}).get(child)
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{path}: DeepSpeed setting '{parent}.{child}' must be an object, got {value!r} "
+                                  f"(e.g. --ds {parent}.{child}.device=cpu)")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
 
 
 def zero_stage(ds):

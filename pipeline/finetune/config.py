@@ -73,6 +73,8 @@ class FinetuneConfig:
         for name in ("lr", "warmup_steps", "weight_decay", "clip_grad_norm"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{where}: {name} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2 ** 32:  # numpy's seed range
+            raise ConfigError(f"{where}: seed must be in [0, 2**32), got {self.seed}")
         if not 0 <= self.cls_drop_out < 1:
             raise ConfigError(f"{where}: cls_drop_out must be in [0, 1), got {self.cls_drop_out}")
         if not (len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas)) or self.adam_eps <= 0:

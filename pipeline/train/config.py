@@ -61,8 +61,8 @@ class RunConfig:
     save_interval: int = 1000  # steps; also on SIGTERM/SIGUSR1
     keep_last: int = 3
     init_from_release: str = ""  # start from a release directory (transformers layout) instead of random weights
-    # held-out evaluation (pipeline/train/evaluate.py): every eval_interval steps and at the last step, the MLM
-    # loss over the first eval_steps global batches of valid_data_dir, the same samples and masks each time
+    # held-out evaluation (pipeline/train/evaluate.py): every eval_interval steps and at the last step, the
+    # objective's loss over the first eval_steps global batches of valid_data_dir, the same samples and masks
     valid_data_dir: str = ""  # shards from `deberta-ds preprocess` with the training tokenizer; "": none
     eval_interval: int = 1000
     eval_steps: int = 10
@@ -96,9 +96,10 @@ class RunConfig:
             raise ConfigError(f"{source}: objective {self.objective!r} is not one of {OBJECTIVES}")
         if self.objective == "rtd" and self.mode == "pipeline":
             raise ConfigError(f"{source}: objective 'rtd' runs in mode 'zero3' only: DeepSpeed's pipeline engine "
-                              "trains one stack of layers with one loss at its last stage, and the discriminator's "
-                              "input is the generator's sampled output (it would have to travel from the last stage "
-                              "back to the first); use mode zero3 (ZeRO-1, 2 or 3 by the DeepSpeed config)")
+                              "takes one loss, at the last stage, and sums the gradients of tied weights, while rtd "
+                              "has a second loss at the generator's end and gdes needs the discriminator to read the "
+                              "generator's word table without its gradient (a tie would turn it into es); use mode "
+                              "zero3 (ZeRO-1, 2 or 3 by the DeepSpeed config)")
         from model.rtd import SHARING
         if self.embedding_sharing not in SHARING:
             raise ConfigError(f"{source}: embedding_sharing {self.embedding_sharing!r} is not one of {SHARING}")
@@ -121,12 +122,18 @@ class RunConfig:
             raise ConfigError(f"{source}: adam_betas must be two numbers in [0, 1), got {list(self.adam_betas)}")
         if self.adam_eps <= 0:
             raise ConfigError(f"{source}: adam_eps must be positive, got {self.adam_eps}")
+        if not 0 <= self.seed < 2 ** 32:  # numpy's seed range; torch's is wider
+            raise ConfigError(f"{source}: seed must be in [0, 2**32), got {self.seed}")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise ConfigError(f"{source}: peak_tflops must be positive, got {self.peak_tflops}")
         try:
             config = self.model_config()
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+        if self.mode == "pipeline" and config.num_hidden_layers < 2:
+            raise ConfigError(f"{source}: mode 'pipeline' needs at least 2 encoder layers (the first stage's block "
+                              f"carries the conv, the last one's the EMD), model {self.model!r} has "
+                              f"{config.num_hidden_layers}")
         if self.objective == "rtd" and self.generator_layers > config.num_hidden_layers:
             raise ConfigError(f"{source}: generator_layers {self.generator_layers} is deeper than the discriminator's "
                               f"{config.num_hidden_layers} layers (model {self.model!r}); the generator is the smaller "

@@ -67,7 +67,9 @@ def typed_options():
                          ids=lambda v: v if isinstance(v, str) else None)
 def test_every_typed_option_refuses_a_bad_value_in_one_line(command, prefix, option, value, capsys, tmp_path):
     base = [a.format(tmp=tmp_path) for a in REQUIRED[command]]
-    argv = [command] + (base if not prefix else base) + [option, value]
+    if prefix:  # a subcommand's option: that subcommand in place of the one REQUIRED starts with
+        base = prefix + base[1:]
+    argv = [command] + base + [option, value]
     code, err = run_cli(argv, capsys)
     one_line_error(code, err, f"argument {option}")
     assert code == 2
@@ -82,6 +84,18 @@ SEMANTIC = [
     (["pretrain", "--set", "lr"], "--set 'lr': expected KEY=VALUE"),
     (["pretrain", "--ds", "gradient_clippingg=1.0"], "unknown DeepSpeed setting 'gradient_clippingg' (did you mean 'gradient_clipping'?)"),
     (["pretrain", "--config", "tiny_cpux"], "tiny_cpux: no such run config file"),
+    (["pretrain", "--set", "model_overrides.num_attention_heads=0"], "num_attention_heads must be positive, got 0"),
+    (["pretrain", "--set", "model_overrides.conv_groups=0"], "conv_groups must be positive, got 0"),
+    (["pretrain", "--set", "model_overrides.hidden_act=swish"], "hidden_act 'swish' is not one of"),
+    (["pretrain", "--set", "model_overrides.hidden_dropout_prob=1.5"], "hidden_dropout_prob must be in [0, 1), got 1.5"),
+    (["pretrain", "--set", "model_overrides.hidden_size=66"], "hidden_size 66 is not divisible by num_attention_heads"),
+    (["pretrain", "--set", "mode=pipeline", "--set", "pipeline_stages=2", "--set", "model_overrides.num_hidden_layers=1"],
+     "mode 'pipeline' needs at least 2 encoder layers"),
+    (["pretrain", "--set", "seed=-1"], "seed must be in [0, 2**32), got -1"),
+    (["pretrain", "--ds", "bf16=true"], "with --ds: DeepSpeed setting 'bf16' must be an object, got True"),
+    (["pretrain", "--ds", "zero_optimization=3"], "e.g. zero_optimization.stage=3"),
+    (["pretrain", "--ds", "zero_optimization.stage=x"], "zero_optimization.stage must be 0, 1, 2 or 3, got 'x'"),
+    (["finetune", "--set", "seed=4294967296"], "seed must be in [0, 2**32), got 4294967296"),
     (["pretrain", "--data-dir", "{tmp}/nowhere"], "does not exist (give --data-dir)"),
     (["finetune", "--set", "epocs=3"], "unknown setting 'epocs' (did you mean 'epochs'?)"),
     (["finetune", "--set", "sift.vat_lamda=3"], "sift: unknown setting 'vat_lamda'"),
@@ -111,7 +125,5 @@ SEMANTIC = [
 def test_values_only_the_command_can_judge_are_refused_in_one_line(argv, message, capsys, tmp_path):
     command, extra = argv[0], argv[1:]
     base = [a.format(tmp=tmp_path) for a in REQUIRED[command]]
-    if extra and not extra[0].startswith("--"):
-        base = base[1:] if command in ("tokenizer", "convert") else base
     code, err = run_cli([command] + base + [a.format(tmp=tmp_path) for a in extra], capsys)
     one_line_error(code, err, message.format(tmp=tmp_path))
