@@ -45,7 +45,7 @@ def atomic_file(path, mode="w", encoding="utf-8"):
         os.replace(tmp, path)
     except BaseException as error:
         _remove(tmp)
-        if isinstance(error, OSError) and not isinstance(error, OutputError):
+        if is_output_error(error, tmp):
             raise OutputError(f"{path}: cannot write ({error.strerror or error})") from None
         raise
 
@@ -91,9 +91,18 @@ def staged_directory(out_dir):
         _swap_in(tmp, out_dir)
     except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(error, OSError) and not isinstance(error, OutputError):
+        if is_output_error(error, tmp, out_dir):
             raise OutputError(f"{out_dir}: cannot write ({error.strerror or error})") from None
         raise
+
+
+def is_output_error(error, *outputs):
+    """An OSError of writing the output (no file named, or one of `outputs` or inside them), as opposed to one
+    of reading an input inside the block, which keeps its own file name."""
+    if not isinstance(error, OSError) or isinstance(error, OutputError):
+        return False
+    named = [os.path.abspath(os.fsdecode(f)) for f in (error.filename, error.filename2) if f is not None]
+    return not named or any(n == o or n.startswith(o + os.sep) for n in named for o in map(os.path.abspath, outputs))
 
 
 def _swap_in(new, out_dir):

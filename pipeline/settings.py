@@ -35,10 +35,11 @@ def read_json(path, what):
 
 
 def shipped_dir(kind):
-    """Where the shipped configs of `kind` ("run" or "deepspeed") are: configs/ and ds_configs/ of a checkout
-    (or an editable install), pipeline/shipped/ of an installed package."""
+    """Where the shipped configs of `kind` ("run" or "deepspeed") are: pipeline/shipped/ of an installed package
+    (first: beside an installed package, ROOT is site-packages, where another distribution's configs/ may
+    be), else configs/ and ds_configs/ of a checkout (or an editable install)."""
     folder = SHIPPED[kind][0]
-    for candidate in (os.path.join(ROOT, folder), os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped", folder)):
+    for candidate in (os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped", folder), os.path.join(ROOT, folder)):
         if os.path.isdir(candidate):
             return candidate
     return os.path.join(ROOT, folder)

@@ -20,7 +20,7 @@ import unicodedata
 
 import numpy as np
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, OutputError
 from pipeline.cli_types import at_least, coverage, positive_int
 
 DEFAULT_VOCAB_SIZE = 128000
@@ -185,14 +185,22 @@ def train(texts, model_prefix, vocab_size=DEFAULT_VOCAB_SIZE, sample_size=1_000_
     import sentencepiece as spm
 
     spm.set_random_generator_seed(seed)
-    os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
     sentences = [normalize(t)[:max_sentence_bytes // 4] for t in reservoir_sample(texts, sample_size, seed)]
     sentences = [s for s in sentences if s]
     if not sentences:
         raise DataError("no text to train the tokenizer on")
+    # sentencepiece writes PREFIX.model and PREFIX.vocab itself: under a temporary prefix beside them, renamed
+    # once both are complete, so that a failed run leaves no half-written or mismatched pair
+    folder, name = os.path.split(os.path.abspath(model_prefix))
+    temporary = os.path.join(folder, f".{name}.tmp{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        open(f"{temporary}.model", "wb").close()  # an unwritable place fails here, named, not inside sentencepiece
+    except OSError as error:
+        raise OutputError(f"{model_prefix}.model: cannot write the tokenizer ({error.strerror or error})") from None
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences), model_prefix=str(model_prefix), model_type="unigram",
+            sentence_iterator=iter(sentences), model_prefix=temporary, model_type="unigram",
             vocab_size=vocab_size, character_coverage=character_coverage, num_threads=num_threads,
             pad_id=0, pad_piece=PAD, bos_id=1, bos_piece=CLS, eos_id=2, eos_piece=SEP, unk_id=3, unk_piece=UNK,
             # We normalize before training and before encoding (as transformers does); the model must not.
@@ -200,10 +208,18 @@ def train(texts, model_prefix, vocab_size=DEFAULT_VOCAB_SIZE, sample_size=1_000_
             byte_fallback=False, input_sentence_size=0, shuffle_input_sentence=False,
             max_sentence_length=max_sentence_bytes, hard_vocab_limit=True, minloglevel=2,
         )
+        os.replace(f"{temporary}.vocab", f"{model_prefix}.vocab")
+        os.replace(f"{temporary}.model", f"{model_prefix}.model")
     except RuntimeError as error:  # e.g. "Vocabulary size too high": more pieces than the text has
         first = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         raise DataError(f"sentencepiece cannot train a {vocab_size}-piece model on these {len(sentences)} texts "
-                        f"({first}); lower --vocab-size or give more text") from None
+                        f"({first}); change --vocab-size as it says, or give more text") from None
+    except OSError as error:
+        raise OutputError(f"{model_prefix}: cannot write the tokenizer ({error.strerror or error})") from None
+    finally:
+        for suffix in (".model", ".vocab"):
+            if os.path.exists(temporary + suffix):
+                os.remove(temporary + suffix)
     return f"{model_prefix}.model"
 
 

@@ -21,31 +21,32 @@ def _lines(path):
 
 def _read_jsonl(path):
     for line_no, line in _lines(path):
-        if True:
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            yield record, where
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield record, where
 
 
 def _read_tsv(path):
     # GLUE's TSV files are not CSV-quoted (quotes are literal text), so split on tabs only.
-    with open(path, encoding="utf-8") as lines:
-        header = lines.readline().rstrip("\r\n").split("\t")
-        for line_no, line in enumerate(lines, 2):
-            line = line.rstrip("\r\n")
-            if not line:
-                continue
-            values = line.split("\t")
-            if len(values) != len(header):
-                raise DataError(f"{path}:{line_no}: {len(values)} columns, the header has {len(header)}")
-            yield dict(zip(header, values)), f"{path}:{line_no}"
+    header = None
+    for line_no, line in _lines(path):
+        line = line.rstrip("\r\n")
+        if header is None:
+            header = line.split("\t")
+            continue
+        if not line:
+            continue
+        values = line.split("\t")
+        if len(values) != len(header):
+            raise DataError(f"{path}:{line_no}: {len(values)} columns, the header has {len(header)}")
+        yield dict(zip(header, values)), f"{path}:{line_no}"
 
 
 def split_path(task, split, data_dir):

@@ -2,6 +2,7 @@
 submission files, the `datasets` path and the presets. Everything runs on tests/fixtures/superglue."""
 import json
 import os
+import shutil
 import zlib
 
 import numpy as np
@@ -603,3 +604,12 @@ def test_presets_match_the_official_copa_and_record_scripts():
                                                       "start_from": "pretrained"}
     for name in ("RTE", "CB", "COPA"):
         assert load_preset(name)["start_from"] == sg.get_task(name).start_from == "MNLI"
+
+
+def test_invalid_utf8_in_an_mnli_tsv_names_the_line(tmp_path):
+    shutil.copytree(os.path.join(FIXTURES, "MNLI"), tmp_path / "MNLI")
+    train = tmp_path / "MNLI" / "train.tsv"
+    lines = train.read_bytes().split(b"\n")
+    train.write_bytes(b"\n".join(lines[:2] + [lines[2].replace(b"\t", b"\xff\t", 1)] + lines[3:]))
+    with pytest.raises(DataError, match=r"train.tsv:3: invalid UTF-8"):
+        sg.get_task("MNLI").load("train", str(tmp_path))
