@@ -13,7 +13,8 @@ after Korthikanti et al. (2022) for a BERT block, plus DeBERTa's extra [b, heads
     34·s·b·h + 7·a·s²·b bytes      (h hidden, a heads; 7 = scores, gathered c2p, gathered p2c, probabilities,
                                      dropout mask, and the two 1-byte masks rounded up)
 With activation checkpointing only each layer's input (2·s·b·h) is kept, plus one layer recomputed.
-In pipeline mode a stage holds L/stages layers for up to `stages` micro-batches in flight (1F1B).
+In pipeline mode a stage holds L/stages layers for up to `stages` micro-batches in flight (1F1B). Objective rtd
+counts generator and discriminator (parameters and layers) and plans the zero3 mode only, the one it runs in.
 These are estimates: measure with the run's memory_gb metric before committing a cluster.
 """
 import json
@@ -39,17 +40,26 @@ def add_arguments(parser):
     parser.add_argument("--json", action="store_true", help="print the table as JSON")
 
 
-def parameter_counts(config):
-    """(total parameters, largest single tensor's parameters, parameters of one encoder layer)."""
+def parameter_counts(run):
+    """(total parameters, largest single tensor's parameters) of what the run trains: the MLM model, or for
+    rtd generator and discriminator together."""
     import torch
-    from model.encoder import Layer
     from model.heads import DebertaForMaskedLM
+    from model.rtd import RTDModel
+    config = run.model_config()
     with torch.device("meta"):
-        model = DebertaForMaskedLM(config, emd=True)
-        layer = Layer(config)
-    total = sum(p.numel() for p in model.parameters())
-    largest = max(p.numel() for p in model.parameters())
-    return total, largest, sum(p.numel() for p in layer.parameters())
+        model = RTDModel(config, run.generator_config(), run.embedding_sharing, emd=run.emd) \
+            if run.objective == "rtd" else DebertaForMaskedLM(config, emd=run.emd)
+    return sum(p.numel() for p in model.parameters()), max(p.numel() for p in model.parameters())
+
+
+def layers_run(run):
+    """Encoder layers one step runs forward (the EMD runs the last one once more); rtd: both networks'."""
+    config = run.model_config()
+    layers = config.num_hidden_layers + (1 if run.emd and run.objective == "mlm" else 0)
+    if run.objective == "rtd":
+        layers += run.generator_config().num_hidden_layers + (1 if run.emd else 0)
+    return layers
 
 
 def activation_bytes(config, micro_batch, seq_len, layers, checkpointing):
@@ -74,12 +84,13 @@ def pipeline_states(total, stages, dp):
 
 def plan(run, ds, nodes, gpus_per_node, gpu_memory_gb, seq_len, stages):
     config = run.model_config()
-    total, largest, _ = parameter_counts(config)
+    total, largest = parameter_counts(run)
     gpus = nodes * gpus_per_node
     offload = offloads_optimizer(ds)
-    layers = config.num_hidden_layers + 1  # the EMD runs the last layer twice
+    layers = layers_run(run)
+    modes = ("zero3",) if run.objective == "rtd" else ("zero3", "pipeline")  # rtd trains in zero3 mode only
     rows = []
-    for mode in ("zero3", "pipeline"):
+    for mode in modes:
         if mode == "pipeline" and (stages < 1 or gpus % stages):
             continue
         states = zero3_states(total, largest, gpus_per_node, nodes, offload) if mode == "zero3" \
@@ -92,7 +103,8 @@ def plan(run, ds, nodes, gpus_per_node, gpu_memory_gb, seq_len, stages):
                 rows.append({"mode": mode, "stages": stages if mode == "pipeline" else 1, "micro_batch": micro,
                              "activation_checkpointing": checkpointing, "model_states_gb": states / GB,
                              "total_gb": need / GB, "fits": need <= 0.9 * gpu_memory_gb * GB})
-    return {"parameters": total, "gpus": gpus, "gpu_memory_gb": gpu_memory_gb, "cpu_offload": offload, "rows": rows}
+    return {"parameters": total, "objective": run.objective, "gpus": gpus, "gpu_memory_gb": gpu_memory_gb,
+            "cpu_offload": offload, "modes": list(modes), "rows": rows}
 
 
 def best(rows, mode):
@@ -109,13 +121,14 @@ def run(args):
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{result['parameters']:,} parameters on {result['gpus']} GPUs of {args.gpu_memory_gb:g} GiB "
+    what = " (generator and discriminator)" if result["objective"] == "rtd" else ""
+    print(f"{result['parameters']:,} parameters{what} on {result['gpus']} GPUs of {args.gpu_memory_gb:g} GiB "
           f"(seq {args.seq_len}; ZeRO-3 offload: {'on' if result['cpu_offload'] else 'off'}); fits = under 90%")
     print(f"{'mode':9} {'stages':>6} {'micro':>5} {'act.ckpt':>8} {'states GiB':>10} {'total GiB':>9}  fits")
     for r in result["rows"]:
         print(f"{r['mode']:9} {r['stages']:>6} {r['micro_batch']:>5} {str(r['activation_checkpointing']):>8} "
               f"{r['model_states_gb']:>10.2f} {r['total_gb']:>9.2f}  {'yes' if r['fits'] else 'no'}")
-    for mode in ("zero3", "pipeline"):
+    for mode in result["modes"]:
         choice = best(result["rows"], mode)
         if choice:
             print(f"{mode}: micro_batch {choice['micro_batch']}"

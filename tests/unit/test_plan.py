@@ -34,3 +34,18 @@ def test_small_gpus_do_not_fit_large_micro_batches_and_stages_must_divide_gpus()
     result = plan("--nodes", "1", "--gpus-per-node", "6", "--gpu-memory-gb", "16", "--pipeline-stages", "4")
     assert not any(r["mode"] == "pipeline" for r in result["rows"])  # 4 stages do not divide 6 GPUs
     assert not all(r["fits"] for r in result["rows"])
+
+
+def test_rtd_counts_generator_and_discriminator_and_plans_the_zero3_mode_only():
+    import torch
+
+    from model.rtd import RTDModel
+    from pipeline.train.config import RunConfig
+    run = RunConfig.from_file("configs/pretrain_v3_large.json", [])
+    with torch.device("meta"):
+        both = RTDModel(run.model_config(), run.generator_config(), run.embedding_sharing)
+    rtd = plan("--set", "objective=rtd", "--config", "configs/pretrain_v3_large.json")
+    assert rtd["parameters"] == sum(p.numel() for p in both.parameters())
+    assert {r["mode"] for r in rtd["rows"]} == {"zero3"}
+    mlm = plan("--set", "objective=mlm", "--config", "configs/pretrain_v3_large.json", "--pipeline-stages", "8")
+    assert mlm["parameters"] < rtd["parameters"] and {r["mode"] for r in mlm["rows"]} == {"zero3", "pipeline"}
