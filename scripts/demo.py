@@ -25,9 +25,24 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.abspath(os.environ.get("DEMO_OUT", os.path.join(ROOT, "demo_out")))
-PRETRAIN_STEPS = int(os.environ.get("DEMO_PRETRAIN_STEPS", "600"))
+
+
+def count_from_env(name, default, least):
+    """An integer setting from the environment, at least `least`; a bad value stops the demo in one line."""
+    text = os.environ.get(name, str(default))
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < least:
+        sys.exit(f"error: {name}={text!r}: expected a whole number, at least {least}")
+    return value
+
+
+# at least 4 steps: the demo evaluates every quarter of the run and saves at its half
+PRETRAIN_STEPS = count_from_env("DEMO_PRETRAIN_STEPS", 600, 4)
 OBJECTIVE = os.environ.get("DEMO_OBJECTIVE", "mlm")  # mlm (DeBERTa-v2) or rtd (DeBERTa-v3)
-FINETUNE_EPOCHS = int(os.environ.get("DEMO_FINETUNE_EPOCHS", "6"))
+FINETUNE_EPOCHS = count_from_env("DEMO_FINETUNE_EPOCHS", 6, 1)
 ENV = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 # a keyword question the tiny model can learn: is the word in the passage?
 KEYWORD = "return"

@@ -34,7 +34,7 @@ def resolve_tag(path, tag=None):
         tag_dir = path
     else:
         ckpt_dir = path
-        if not tag and not checkpoint.tags(ckpt_dir) and os.path.isdir(os.path.join(path, "checkpoints")):
+        if not checkpoint.tags(ckpt_dir) and os.path.isdir(os.path.join(path, "checkpoints")):
             ckpt_dir = os.path.join(path, "checkpoints")  # a run directory
         if tag:
             tag_dir = os.path.join(ckpt_dir, tag)

@@ -90,7 +90,8 @@ def verify(path, emd, atol=1e-4, task="mlm"):
 
     from pipeline.release.read import load_release
     transformers.utils.logging.disable_progress_bar()
-    config = json.load(open(os.path.join(path, "config.json"), encoding="utf-8"))
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(4, config["vocab_size"] - 1, (2, 16), generator=generator)
     mask = torch.ones_like(ids)
@@ -99,7 +100,7 @@ def verify(path, emd, atol=1e-4, task="mlm"):
     theirs, info = auto.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
     if info["missing_keys"] or info["mismatched_keys"]:
         raise ReleaseError(f"{path}: transformers reports missing {info['missing_keys']} / mismatched "
-                              f"{info['mismatched_keys']} keys")
+                           f"{info['mismatched_keys']} keys")
     field = "logits" if task == "mlm" else "last_hidden_state"
     with torch.no_grad():
         expected = getattr(theirs.eval()(input_ids=ids, attention_mask=mask), field)
@@ -114,7 +115,7 @@ def verify(path, emd, atol=1e-4, task="mlm"):
     what = "MLM logits" if task == "mlm" else "discriminator hidden states"
     print(f"verify: transformers vs deberta-ds {what} on a fixed [2, 16] input: max |diff| {diff:.3g}", file=sys.stderr)
     if not diff <= atol:
-        raise ReleaseError(f"{path}: transformers' logits differ from ours by {diff:.3g} (> {atol})")
+        raise ReleaseError(f"{path}: transformers' {what} differ from ours by {diff:.3g} (> {atol})")
     if os.path.exists(os.path.join(path, "spm.model")):
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         tokenizer("verify the tokenizer loads")

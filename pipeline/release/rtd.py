@@ -14,7 +14,6 @@ transformers' AutoModel loads the directory as the discriminator; `deberta-ds fi
 from it. One directory rather than two: it is the layout users download and continue from, and the generator
 is a training-time part of the model, not a release of its own.
 """
-import json
 import os
 
 import torch
@@ -158,11 +157,3 @@ def stop_on(error, stage):
 
 def _load(value):
     return value.load() if hasattr(value, "load") else value
-
-
-def is_rtd_release(path):
-    try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            return json.load(f).get("pretraining") == "rtd" or os.path.exists(os.path.join(path, GENERATOR_FILE))
-    except (OSError, json.JSONDecodeError):
-        return False
