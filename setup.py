@@ -26,7 +26,8 @@ class BuildWithConfigs(build_py):
 setup(
     name="deberta-ds",
     version="0.2.0",
-    description="DeBERTa-v2 pretraining (MLM + EMD) and SuperGLUE fine-tuning (SiFT) on DeepSpeed",
+    description="DeBERTa pretraining (v2: MLM + EMD, v3: replaced token detection) and SuperGLUE fine-tuning "
+                "(SiFT) on DeepSpeed",
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",

@@ -120,7 +120,7 @@ class DebertaForMaskedLM(nn.Module):
 
     def enhanced_mask_decoder(self, hidden_prev, shared, position_ids, positions=None):
         """The EMD's output [B, N, D]; with `positions` (flat indices into B*N, as masked_positions gives)
-        only at those positions, [len(positions), D] (see enhanced_mask_decoder below)."""
+        only at those positions, [len(positions), D] (see the function enhanced_mask_decoder above)."""
         encoder = self.deberta.encoder
         last_layer = encoder.layer[-1]
 

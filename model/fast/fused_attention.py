@@ -19,7 +19,7 @@ a skewed window of those products that is contiguous along each row, so it loads
   batched matmuls as relative_kernels' backward.
 
 Masked pairs score the fp32 minimum, not -inf, so a row with every key masked (a padded query) attends
-uniformly to all N keys, as the reference path's fill with the dtype's minimum does. Its outputs are never
+uniformly to all N keys, as the eager path's fill with the dtype's minimum does. Its outputs are never
 read (see model/attention.py).
 
 Dropout draws differ from torch's generator: the same keep probability, another stream (the seed is drawn

@@ -1,5 +1,5 @@
 """Pretraining data: memory-mapped shards, a seeded global order, a resumable data-parallel sampler and
-dynamic whole-word MLM masking.
+dynamic masking (MLM: whole-word spans; RTD: single tokens, MASKINGS).
 
 Order (Megatron-style, independent of the number of ranks): the global sample sequence is epoch 0's
 permutation, then epoch 1's, ... (permutation e is drawn from (seed, e)). Step s consumes the global

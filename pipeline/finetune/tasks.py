@@ -2,8 +2,12 @@
 
 A `Task` knows its official name (also its data folder and its submission file name), its label strings,
 how one line of the official data becomes `Example`s, the text segments the model reads, how examples
-become token-id features, how logits become predictions, how predictions are scored (pipeline.metrics)
+become token-id features, how logits become predictions, how predictions are scored (metrics.py)
 and how they are written as leaderboard submission files.
+
+One file for the eleven tasks (about 550 lines): the registry at the end is a table whose entries name
+the parsers, metrics and record converters above it; each task reads as one row plus the functions it
+names, which splitting the file by kind of function would scatter.
 
 Kinds of task (what the model head must do):
   classification     one [CLS] a [SEP] (b [SEP]) sequence per example, k-way softmax

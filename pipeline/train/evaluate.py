@@ -1,6 +1,6 @@
-"""Held-out evaluation during pretraining: the MLM loss over the first `eval_steps` global batches of the
-validation shards (`valid_data_dir`), every `eval_interval` steps and at the last step; in mode zero3 also
-the MLM accuracy.
+"""Held-out evaluation during pretraining: the training loss over the first `eval_steps` global batches of
+the validation shards (`valid_data_dir`), every `eval_interval` steps and at the last step; in mode zero3 also
+the MLM accuracy (objective rtd: the generator's MLM and the discriminator's RTD loss and accuracy as well).
 
 Every evaluation reads the validation loader from position 0: the same samples (epoch 0 of its seeded
 order) with the same masks (a function of seed and sample id), so successive evaluations are comparable
@@ -35,7 +35,8 @@ def due(run, step):
 
 
 def evaluate(stepper, loader, run):
-    """{"val_loss", "val_mlm_accuracy" (None in pipeline mode), "eval_time_s"}, the same on every rank."""
+    """{"val_loss", "val_mlm_accuracy" (None in pipeline mode), rtd's val_* values, "eval_time_s"}, the same
+    on every rank."""
     start = time.time()
     loader.consumed_samples = 0
     values = stepper.eval_loss(stepper.batches(loader), run.eval_steps)

@@ -10,7 +10,7 @@ MFU estimate. FLOPs per trained token (forward + backward = 3 x forward; a multi
                                                  layer forward) plus c2p and p2c against the 2k relative
                                                  rows (4·2k·D)
   + 6 · p · D · V                                the tied MLM decoder, only at the predicted fraction p
-(objective rtd: the generator's so, plus the discriminator's without EMD and decoder: run_flops_per_token)
+(objective rtd: the generator's count, plus the discriminator's without EMD and decoder: run_flops_per_token)
 divided by the step time and by (peak FLOP/s per device x devices). Peak: `peak_tflops` from the run
 config, else a table of known accelerators (bf16/fp16 dense); none on the CPU (MFU then not shown).
 """
@@ -102,7 +102,7 @@ class Monitor:
         self.bar.write(f"step {step} {shown}")
 
     def record_eval(self, step, values):
-        """A held-out evaluation (pipeline/evaluate.py): metrics.jsonl (keys val_*), TensorBoard (val/*) and
+        """A held-out evaluation (pipeline/train/evaluate.py): metrics.jsonl (keys val_*), TensorBoard (val/*) and
         one line. Its time is left out of the throughput of the next log line."""
         self.last_time += values["eval_time_s"]
         if not self.active:

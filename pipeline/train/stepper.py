@@ -3,15 +3,17 @@ and never ask which mode runs.
 
   zero3     Zero3Stepper (zero3.py): the plain `DebertaForMaskedLM` under a DeepSpeedEngine; ZeRO stage from
             the DeepSpeed config (3 for the 1.5B preset: built under `deepspeed.zero.Init`, so no rank ever
-            holds the full model)
+            holds the full model). Objective rtd: RTDStepper (rtd.py), generator and discriminator as one
+            module under one engine
   pipeline  PipelineStepper (pipeline_parallel.py): the same blocks as a PipelineModule with ZeRO-0/1
             (DeepSpeed's pipeline engine refuses ZeRO-2/3: the two modes are alternatives)
 
 A Stepper is built from the run config, the completed DeepSpeed config and the model config, and gives
   dp_rank, dp_size          this rank's place among the data-parallel replicas (the loader's slice)
   batches(loader)           the loader's micro-batches in the form its engine reads
-  train_step(batches)       one optimizer step over a global batch -> {"loss", "mlm_accuracy"}, the same on
-                            every rank (the mean over the data-parallel ranks)
+  train_step(batches)       one optimizer step over a global batch -> {"loss", "mlm_accuracy"} (rtd also
+                            the generator's and discriminator's losses and accuracies, the replaced share),
+                            the same on every rank (the mean over the data-parallel ranks)
   eval_loss(batches, n)     the held-out loss over n global batches, no gradients -> {"val_loss", ...}
   save(dir, tag, state) / load(dir, tag)   DeepSpeed's checkpoint with our client state
   lr, grad_norm, loss_scale, skipped_steps, describe()

@@ -1,5 +1,5 @@
 """Shared pieces of the pretraining tests: a tiny corpus -> tokenizer -> shards (once per session), and
-real multi-process runs of `pipeline.pretrain` under torchrun (gloo on the CPU)."""
+real multi-process runs of `deberta-ds pretrain` (pipeline/train/pretrain.py) under torchrun (gloo on the CPU)."""
 import json
 import os
 import socket

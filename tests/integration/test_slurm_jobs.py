@@ -1,5 +1,5 @@
 """The project's own Slurm scripts (slurm/*.sbatch, slurm/chain.sh) on a real local Slurm cluster
-(tests/slurm_harness.py: slurmctld + two emulated nodes, one rank per node), with the tiny CPU configs.
+(tests/helpers/slurm.py: slurmctld + two emulated nodes, one rank per node), with the tiny CPU configs.
 
 - the chain: preprocessing array (2 tasks) -> pretraining on 2 nodes (srun mode) -> conversion ->
   fine-tuning, linked by --dependency=afterok (slurm/chain.sh);

@@ -1,4 +1,4 @@
-"""slurm/smoke.sbatch on a real local Slurm cluster (tests/slurm_harness.py): two emulated nodes,
+"""slurm/smoke.sbatch on a real local Slurm cluster (tests/helpers/slurm.py): two emulated nodes,
 one task each, rank discovery + gloo all_reduce, and the deepspeed hostfile of the allocation."""
 import json
 import os

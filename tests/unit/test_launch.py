@@ -1,7 +1,7 @@
-"""pipeline.launch: which launcher's variables win, and what each one yields.
+"""pipeline/launch/env.py: which launcher's variables win, and what each one yields.
 
 Pure functions over a dict of variables: each test states the environment a launcher really
-creates (see slurm/smoke.sbatch for the real Slurm run, tests/test_slurm_smoke.py).
+creates (see slurm/smoke.sbatch for the real Slurm run, tests/integration/test_slurm_smoke.py).
 """
 import os
 import socket

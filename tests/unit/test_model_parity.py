@@ -466,7 +466,7 @@ def test_auto_attention_is_the_eager_path_off_cuda():
 
 def test_fused_attention_falls_back_where_its_kernels_cannot_run(monkeypatch):
     """attention_impl "fused" without CUDA (and without TRITON_INTERPRET) takes auto's path: on the CPU the
-    eager path, bitwise. tests/test_fused_attention.py runs the kernels themselves."""
+    eager path, bitwise. tests/unit/test_fused_attention.py runs the kernels themselves."""
     from model import DebertaModel
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     ids, mask = batch(12, pad_from=7)

@@ -1,4 +1,4 @@
-"""The Triton kernels of the relative bias (model/relative_kernels.py, the GPU path) against RelativeBias,
+"""The Triton kernels of the relative bias (model/fast/relative_kernels.py, the GPU path) against RelativeBias,
 the CPU path: run on the CPU in Triton's interpreter (TRITON_INTERPRET=1, read when triton is imported,
 so each check runs in a fresh process: this file run as a script). They skip only where triton has no
 wheel (it is a dev dependency on Linux x86-64)."""

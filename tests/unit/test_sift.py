@@ -1,4 +1,4 @@
-"""SiFT (pipeline/sift.py) on a tiny random classifier: what the hooked LayerNorm receives, the
+"""SiFT (pipeline/finetune/sift.py) on a tiny random classifier: what the hooked LayerNorm receives, the
 adversarial term, and λ = 0 being plain training."""
 import pytest
 import torch
