@@ -1,0 +1,148 @@
+"""MLM + EMD (DeBERTa-v2) against RTD + GDES (DeBERTa-v3) for the same wall-clock time on the demo corpus, each
+then fine-tuned on the demo's BoolQ-format task with several seeds: a measured comparison, no threshold.
+
+    python bench/objectives.py [--work /tmp/bench-objectives] [--seconds 300] [--seeds 1 2 3]
+
+The data are the demo's (scripts/demo.py: the corpus, a 1000-piece tokenizer, 128-token shards, the last corpus
+file held out, the BoolQ-format "does the passage say return" task). Each objective pretrains the demo's tiny
+model (configs/pretrain_tiny_cpu.json; rtd: its 2 layers are the discriminator, a 1-layer generator) with
+ZeRO-3 on 2 CPU ranks; --seconds after its first step is logged, each rank gets SIGUSR1, finishes its step
+and saves (the run's own stop path). The checkpoint is converted to a release (rtd: the discriminator, v3
+layout) and fine-tuned with the demo's settings once per seed. Printed: per objective the steps reached, the
+last logged losses, and the best val accuracy per seed with their mean.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+
+def demo_module():
+    """scripts/demo.py, for its BoolQ-format task builder (the same task as `make demo`)."""
+    spec = importlib.util.spec_from_file_location("demo", os.path.join(ROOT, "scripts", "demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cli(*args):
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"deberta-ds {args[0]} failed:\n{result.stderr[-3000:]}")
+    return result
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_data(work):
+    corpus, superglue = os.path.join(work, "corpus"), os.path.join(work, "superglue")
+    if os.path.exists(os.path.join(superglue, "BoolQ", "test.jsonl")):
+        return
+    cli("corpus", "--output", corpus)
+    cli("tokenizer", "train", "--input", os.path.join(corpus, "*"), "--output", os.path.join(work, "spm"),
+        "--vocab-size", "1000")
+    files = sorted(os.path.join(corpus, name) for name in os.listdir(corpus))
+    spm = os.path.join(work, "spm.model")
+    cli("preprocess", "--input", *files[:-1], "--tokenizer", spm, "--output-dir", os.path.join(work, "shards"),
+        "--max-seq-len", "128", "--no-progress")
+    cli("preprocess", "--input", files[-1], "--tokenizer", spm, "--output-dir", os.path.join(work, "valid"),
+        "--max-seq-len", "128", "--no-progress")
+    demo_module().boolq_from_corpus(corpus, superglue)
+
+
+def pretrain_for(objective, seconds, work):
+    """Pretrain until SIGUSR1 `seconds` after the first logged step; the run directory."""
+    run = os.path.join(work, f"run-{objective}")
+    done = os.path.join(run, "bench_stopped.json")
+    if os.path.exists(done):  # a previous invocation's pretraining, stopped as this one would be
+        with open(done) as f:
+            if json.load(f)["seconds"] == seconds:
+                return run
+    if os.path.exists(run):
+        sys.exit(f"{run} exists: remove it (or choose another --work) to measure again")
+    sets = ["max_steps=100000", "save_interval=100000", "log_interval=25", "eval_interval=100000",
+            "warmup_steps=60", f"objective={objective}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "pipeline.cli", "pretrain", "--config", "configs/pretrain_tiny_cpu.json", "--deepspeed",
+           "ds_configs/cpu_zero3_fp32.json", "--data-dir", os.path.join(work, "shards"), "--valid-data-dir",
+           os.path.join(work, "valid"), "--output-dir", run] + [a for s in sets for a in ("--set", s)]
+    with open(os.path.join(work, f"pretrain-{objective}.log"), "w") as log:
+        torchrun = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+        metrics = os.path.join(run, "metrics.jsonl")
+        while not os.path.exists(metrics) and torchrun.poll() is None:
+            time.sleep(0.5)
+        time.sleep(seconds)
+        # the workers, not torchrun: each rank's StopFlag turns SIGUSR1 into "finish the step, save, exit 75"
+        workers = subprocess.run(["pgrep", "-P", str(torchrun.pid)], capture_output=True, text=True).stdout.split()
+        for pid in workers:
+            os.kill(int(pid), signal.SIGUSR1)
+        torchrun.wait()
+    # torchrun exits 1 when its workers exit 75 (checkpointed after the signal): read the ranks' codes
+    with open(log.name) as f:
+        codes = re.findall(r"exitcode\s*:\s*(-?\d+)", f.read())
+    if torchrun.returncode != 0 and not (codes and set(codes) == {"75"}):
+        sys.exit(f"pretrain ({objective}) exited {torchrun.returncode} (ranks: {codes}): see {log.name}")
+    with open(done, "w") as f:
+        json.dump({"seconds": seconds}, f)
+    return run
+
+
+def summary(run, objective):
+    with open(os.path.join(run, "metrics.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    logged = [r for r in records if "step_time_s" in r]
+    held_out = [r for r in records if "val_loss" in r]
+    keys = ("loss",) if objective == "mlm" else ("loss", "mlm_loss", "rtd_loss", "replaced_rate", "rtd_accuracy")
+    out = {"steps": max(r["step"] for r in records), **{f"last_{k}": logged[-1][k] for k in keys}}
+    if held_out:
+        out["held_out_loss"] = held_out[-1]["val_loss"]
+    return out
+
+
+def finetune(release, seed, work, objective):
+    out = os.path.join(work, f"finetune-{objective}-seed{seed}")
+    cli("finetune", "--task", "BoolQ", "--release", release, "--data-dir", os.path.join(work, "superglue"),
+        "--output-dir", out, "--deepspeed", "ds_configs/finetune_cpu.json", "--epochs", "6", "--batch-size", "16",
+        "--lr", "1e-3", "--warmup-steps", "10", "--max-seq-len", "128", "--sift", "on", "--sift-lambda", "1",
+        "--seed", str(seed))
+    with open(os.path.join(out, "metrics.json"), encoding="utf-8") as f:
+        return json.load(f)["best"]["val"]["accuracy"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="/tmp/bench-objectives")
+    p.add_argument("--seconds", type=float, default=300, help="pretraining time per objective after its first step")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="fine-tuning seeds")
+    args = p.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    prepare_data(args.work)
+    report = {"seconds": args.seconds}
+    for objective in ("mlm", "rtd"):
+        run = pretrain_for(objective, args.seconds, args.work)
+        release = os.path.join(args.work, f"release-{objective}")
+        cli("convert", "to-release", "--checkpoint", os.path.join(run, "checkpoints"), "--output", release)
+        accuracies = [finetune(release, seed, args.work, objective) for seed in args.seeds]
+        report[objective] = dict(summary(run, objective), val_accuracy=accuracies,
+                                 val_accuracy_mean=statistics.mean(accuracies))
+        print(json.dumps({objective: report[objective]}), flush=True)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
