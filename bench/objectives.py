@@ -17,14 +17,18 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from runs import ROOT, free_port
+from runs import cli as run_cli
 ENV = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+
+def cli(*args):
+    return run_cli(*args, env=ENV)
 
 
 def demo_module():
@@ -33,20 +37,6 @@ def demo_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def cli(*args):
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=ENV,
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"deberta-ds {args[0]} failed:\n{result.stderr[-3000:]}")
-    return result
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prepare_data(work):

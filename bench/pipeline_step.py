@@ -11,26 +11,12 @@ interval's value is the mean step time over its steps). The model is the tiny pr
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def cli(*args, env):
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env,
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"deberta-ds {args[0]} failed:\n{result.stderr[-3000:]}")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from runs import ROOT, cli, free_port
 
 
 def main():

@@ -25,13 +25,13 @@ import argparse
 import itertools
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from runs import ROOT, free_port
+
 sys.path.insert(0, ROOT)
 
 VARIANTS = ("bare", "z1", "z2", "z3", "z3_leaf")
@@ -179,12 +179,6 @@ def deepspeed_source(name_or_path):
     """The DeepSpeed config file --deepspeed names (a path, or a shipped name), relative to the root."""
     from pipeline.settings import config_file
     return os.path.relpath(config_file(name_or_path, "deepspeed"), ROOT)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None):
