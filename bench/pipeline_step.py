@@ -12,11 +12,9 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 
-from runs import ROOT, cli, free_port
+from runs import ROOT, cli, torchrun_pretrain
 
 
 def main():
@@ -43,14 +41,7 @@ def main():
     sets = ["mode=pipeline", "pipeline_stages=2", f"max_steps={args.steps}", "save_interval=100000",
             "log_interval=5", "global_batch_size=16", "micro_batch_size=4", "warmup_steps=2",
             f"model_overrides={json.dumps(dict(overrides, vocab_size=1100))}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "pipeline.cli", "pretrain", "--config", os.path.join(ROOT, "configs", "pretrain_tiny_cpu.json"),
-           "--deepspeed", os.path.join(ROOT, "ds_configs", "cpu_pipeline_fp32.json"), "--data-dir", shards,
-           "--output-dir", out] + [a for s in sets for a in ("--set", s)]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"pretrain failed:\n{result.stderr[-4000:]}")
-    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"), encoding="utf-8")]
+    records = torchrun_pretrain(sets, "cpu_pipeline_fp32", shards, out, env)
     times = [r["step_time_s"] for r in records if "step_time_s" in r][1:]
     print(json.dumps({"layers": args.layers, "hidden": args.hidden, "seq": args.seq, "steps": args.steps,
                       "step_time_s_median": statistics.median(times), "step_time_s": times}))

@@ -16,11 +16,9 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 
-from runs import ROOT, cli, free_port
+from runs import ROOT, cli, torchrun_pretrain
 
 
 def shards_for(work, seq, env):
@@ -45,15 +43,8 @@ def run_once(objective, args, shards, env):
     sets = [f"objective={objective}", f"generator_layers={args.generator_layers}", f"max_steps={args.steps}",
             "save_interval=100000", "log_interval=5", "global_batch_size=16", "micro_batch_size=8",
             "warmup_steps=2", f"model_overrides={json.dumps(overrides)}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "pipeline.cli", "pretrain", "--config", os.path.join(ROOT, "configs", "pretrain_tiny_cpu.json"),
-           "--deepspeed", os.path.join(ROOT, "ds_configs", "cpu_zero3_fp32.json"), "--data-dir", shards,
-           "--output-dir", out] + [a for s in sets for a in ("--set", s)]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"pretrain ({objective}) failed:\n{result.stderr[-4000:]}")
-    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
-        logged = [r for r in map(json.loads, f) if "step_time_s" in r][1:]
+    records = torchrun_pretrain(sets, "cpu_zero3_fp32", shards, out, env, what=f"pretrain ({objective})")
+    logged = [r for r in records if "step_time_s" in r][1:]
     return {key: statistics.median(r[key] for r in logged) for key in ("step_time_s", "tokens_per_s", "memory_gb")}
 
 
