@@ -102,6 +102,27 @@ def test_the_release_is_the_published_v3_layout_and_transformers_loads_the_discr
     assert (a - b)[mask.bool()].abs().max() <= 1e-5
 
 
+def test_the_released_discriminator_computes_what_the_trained_one_did(two_ranks, v3_release):
+    """The checkpoint read by DeepSpeed's own zero_to_fp32 into the training module (generator + discriminator,
+    the delta still apart) against the release in transformers: the merged table and every other tensor carry
+    the discriminator over, not only a layout transformers accepts."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from model.rtd import RTDModel
+    from pipeline.train.config import RunConfig
+    run = RunConfig.from_file("tiny_cpu", RTD + NO_DROPOUT)
+    trained = RTDModel(run.model_config(), run.generator_config(), run.embedding_sharing, emd=run.emd).eval()
+    trained.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(two_ranks / "checkpoints")))
+    released = transformers.AutoModel.from_pretrained(str(v3_release)).eval()
+    ids = torch.randint(4, 1000, (2, 20), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, 15:] = 0
+    with torch.no_grad():
+        a = trained.discriminator.deberta(ids, mask, added_embeds=trained.shared_rows(ids)).last_hidden_state
+        b = released(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert (a - b)[mask.bool()].abs().max() <= 1e-5
+
+
 def test_finetuning_starts_from_the_v3_release(v3_release, tmp_path):
     write_cb_like(str(tmp_path / "data" / "CB" / "train.jsonl"), 16, seed=1)
     write_cb_like(str(tmp_path / "data" / "CB" / "val.jsonl"), 8, seed=2)
