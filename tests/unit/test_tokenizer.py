@@ -102,3 +102,21 @@ def test_cli_train_on_empty_file_fails_naming_it(tmp_path, capsys):
     empty.write_text("")
     assert cli.main(["tokenizer", "train", "--input", str(empty), "--output", str(tmp_path / "x")]) == 1
     assert f"{empty}: empty file" in capsys.readouterr().err
+
+
+def test_cli_train_writes_both_files_or_none(tmp_path, capsys, data_env):
+    """A failed training (too many pieces for the text) leaves neither file nor a temporary one; an
+    unwritable --output is named in one line."""
+    text = tmp_path / "small.txt"
+    text.write_text("a few words of text\n")
+    out = tmp_path / "m"
+    assert cli.main(["tokenizer", "train", "--input", str(text), "--output", str(out / "spm"),
+                     "--vocab-size", "5000"]) == 1
+    assert "sentencepiece cannot train a 5000-piece model" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == []
+    assert cli.main(["tokenizer", "train", "--input", data_env["corpus_files"][0], "--output",
+                     str(out / "spm"), "--vocab-size", "300", "--sample-size", "2000"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["spm.model", "spm.vocab"]
+    capsys.readouterr()
+    assert cli.main(["tokenizer", "train", "--input", str(text), "--output", "/proc/deberta-ds-test/spm"]) == 1
+    assert "error: /proc/deberta-ds-test/spm.model: cannot write the tokenizer" in capsys.readouterr().err
