@@ -201,6 +201,11 @@ def test_universal_checkpoint_converts_to_the_same_release(zero3_run, zero3_rele
     same_tensors(zero3_release, tmp_path / "u")
 
 
+def test_a_tag_is_found_inside_a_run_directory(zero3_run, zero3_release, tmp_path):
+    assert to_release(zero3_run, tmp_path / "tagged", "--tag", "global_step2") == 0
+    same_tensors(zero3_release, tmp_path / "tagged")
+
+
 def test_bf16_and_fp16_sharded_releases(zero3_run, zero3_release, tmp_path):
     fp32 = read_state_dict(str(zero3_release))
     for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
@@ -251,6 +256,8 @@ def test_bad_inputs_are_clear_errors_with_no_output(zero3_run, tiny_shards, tmp_
     out = tmp_path / "out"
     refuses(capsys, tiny_shards, out, "not a training checkpoint directory")
     refuses(capsys, zero3_run / "checkpoints", out, "tag 'global_step9' does not exist (found: global_step2)",
+            "--tag", "global_step9")
+    refuses(capsys, zero3_run, out, "tag 'global_step9' does not exist (found: global_step2)",  # a run directory
             "--tag", "global_step9")
     ckpt = copy_checkpoint(zero3_run, tmp_path)
     wrong = tmp_path / "wrong.model"
