@@ -76,6 +76,15 @@ def raise_on_every_rank(error, source_rank=0):
         raise error
 
 
+def raise_where_read(error, only_rank_zero_read):
+    """The outcome of reading a release: when only rank 0 read it (ZeRO-3), every rank raises rank 0's error (the
+    others would wait in the next collective); otherwise each rank read it and raises its own."""
+    if only_rank_zero_read:
+        raise_on_every_rank(error)
+    elif error is not None:
+        raise error
+
+
 def as_user_error(error):
     """A DebertaDSError as it is, an OSError on a path (a full disk, a permission) as an OutputError naming
     the path; anything else None (a bug: it keeps its traceback)."""

@@ -23,6 +23,7 @@ from model import state_dict_adapter as keys
 from model.rtd import DebertaForRTD, RTDModel
 from pipeline.errors import ReleaseError
 from pipeline.io import atomic_json
+from pipeline.lifecycle import raise_where_read
 from pipeline.release.read import Release
 from pipeline.release.write import StreamingSafetensors, write_config
 
@@ -124,7 +125,7 @@ def load_rtd_release_into(model, path, stage, rank):
             values["release table"] = release.refs[keys.WORD_EMBEDDINGS]
         except (ReleaseError, KeyError, ValueError) as e:
             error = e if isinstance(e, ReleaseError) else ReleaseError(f"{path}: not a v3 release ({e})")
-    stop_on(error, stage)
+    raise_where_read(error, stage == 3)
     own = dict(model.named_parameters())
     if reads:
         wanted = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in own.items()}
@@ -133,7 +134,7 @@ def load_rtd_release_into(model, path, stage, rank):
                    [f"{k} {have[k]} vs {s}" for k, s in wanted.items() if k in have and have[k] != s]
         if problems:
             error = ReleaseError(f"{path}: does not fit the run's RTD model: " + ", ".join(problems[:6]))
-    stop_on(error, stage)
+    raise_where_read(error, stage == 3)
     for name, param in own.items():
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=stage == 3):
             if not reads:
@@ -144,15 +145,6 @@ def load_rtd_release_into(model, path, stage, rank):
             else:
                 tensor = _load(values[name])
             param.data.copy_(tensor.to(param.dtype))
-
-
-def stop_on(error, stage):
-    """Under ZeRO-3 rank 0 decides for every rank; otherwise each rank read the release itself."""
-    from pipeline.lifecycle import raise_on_every_rank
-    if stage == 3:
-        raise_on_every_rank(error)
-    elif error is not None:
-        raise error
 
 
 def _load(value):

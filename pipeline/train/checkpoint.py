@@ -35,7 +35,7 @@ from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL
 
 from pipeline.errors import CheckpointError, OutputError
 from pipeline.io import atomic_json
-from pipeline.lifecycle import on_rank_zero
+from pipeline.lifecycle import as_user_error, on_rank_zero
 
 META = "deberta_ds.json"
 TAG = re.compile(r"^global_step(\d+)$")
@@ -112,8 +112,7 @@ def on_every_rank(work):
     try:
         work()
     except OSError as error:
-        message = str(error) if isinstance(error, OutputError) or error.filename is None else \
-            f"{error.filename}: {error.strerror}"
+        message = str(as_user_error(error) or error)
     messages = [None] * dist.get_world_size()
     dist.all_gather_object(messages, message)
     return next((m for m in messages if m), None)
@@ -254,12 +253,6 @@ def resume_point(ckpt_dir, rank):
         raise CheckpointError(f"{ckpt_dir}: no complete checkpoint to resume from ({damaged[-1][0]} is the oldest, "
                               "damaged); starting over would not continue the run. Move the checkpoints away to "
                               "start from scratch")
-    return tag, meta
-
-
-def latest(ckpt_dir):
-    """The newest complete tag and its meta, or (None, None) (see newest_complete)."""
-    tag, meta, _ = newest_complete(ckpt_dir)
     return tag, meta
 
 

@@ -89,13 +89,14 @@ def check_same_data(meta, now, source, accept_change):
     accepted (--accept-data-change): the loader then starts them from their first sample. Another validation
     set alone is accepted the same way but leaves the training cursor where it is."""
     from pipeline.errors import CheckpointError
-    saved = meta.get("data") or {"tokenizer_sha256": meta.get("tokenizer_sha256")}  # older builds: tokenizer only
-    if saved["tokenizer_sha256"] and saved["tokenizer_sha256"] != now["tokenizer_sha256"]:
-        raise CheckpointError(f"{source}: trained with tokenizer sha256 {saved['tokenizer_sha256'][:16]}..., this run's "
+    trained_with = meta.get("tokenizer_sha256")  # every build's meta file has it at the top
+    if trained_with and trained_with != now["tokenizer_sha256"]:
+        raise CheckpointError(f"{source}: trained with tokenizer sha256 {trained_with[:16]}..., this run's "
                               f"is {now['tokenizer_sha256'][:16]}...: the model's embeddings belong to the checkpoint's "
                               "tokenizer. Use its shards (and spm.model), or start a new run (convert to a release, "
                               "then init_from_release) to change tokenizers")
-    if not meta.get("data"):
+    saved = meta.get("data")
+    if not saved:  # an older build recorded the tokenizer only
         return False
     training = [k for k in ("shards_sha256", "num_samples", "max_seq_len") if saved.get(k) != now.get(k)]
     differs = list(training)

@@ -17,13 +17,12 @@ under one DeepSpeedEngine, any ZeRO stage.
 """
 import deepspeed
 import torch
-import torch.distributed as dist
 
 from model.rtd import RTDModel
 from pipeline.ds_config import zero_stage
 from pipeline.lifecycle import mean_over_ranks
-from pipeline.optim import build_optimizer, lr_schedule, param_groups
-from pipeline.train.zero3 import Zero3Stepper, leaf_layers, torch_checkpoint
+from pipeline.optim import param_groups
+from pipeline.train.zero3 import Zero3Stepper, leaf_layers, prepare_for_engine
 
 LOGGED = ("loss", "mlm_loss", "mlm_accuracy", "rtd_loss", "rtd_accuracy", "replaced_rate", "generator_correct")
 
@@ -33,16 +32,9 @@ def build_rtd_model(run, ds, model_config, rank):
     import torch._dynamo  # noqa: F401  (before zero.Init patches module construction)
     with deepspeed.zero.Init(config_dict_or_path=ds, enabled=stage == 3):
         model = RTDModel(model_config, run.generator_config(), run.embedding_sharing, run.rtd_lambda, emd=run.emd)
-    generator = model.generator
-    if stage == 3:
-        deepspeed.zero.register_external_parameter(generator.lm_predictions.lm_head,
-                                                   generator.deberta.embeddings.word_embeddings.weight)
-        if run.zero3_leaf_layers:
-            for layer in leaf_layers(generator) + list(model.discriminator.deberta.encoder.layer):
-                deepspeed.utils.set_z3_leaf_module(layer, True)
-    if run.activation_checkpointing:
-        generator.deberta.encoder.checkpoint_fn = torch_checkpoint
-        model.discriminator.deberta.encoder.checkpoint_fn = torch_checkpoint
+    generator, discriminator = model.generator, model.discriminator
+    prepare_for_engine(run, stage, generator, leaf_layers(generator) + list(discriminator.deberta.encoder.layer),
+                       [generator.deberta.encoder, discriminator.deberta.encoder])
     if run.init_from_release:
         from pipeline.release.rtd import load_rtd_release_into
         load_rtd_release_into(model, run.init_from_release, stage, rank)
@@ -52,19 +44,15 @@ def build_rtd_model(run, ds, model_config, rank):
 class RTDStepper(Zero3Stepper):
     mode, objective = "zero3", "rtd"
 
-    def __init__(self, run, ds, model_config, rank):
-        self.run, self.accumulation = run, ds["gradient_accumulation_steps"]
-        self.module = build_rtd_model(run, ds, model_config, rank)
+    @staticmethod
+    def build_module(run, ds, model_config, rank):
+        return build_rtd_model(run, ds, model_config, rank)
+
+    def optimizer_groups(self, run):
+        """Each network its own groups: the generator at lr, the discriminator at discriminator_lr (default lr)."""
         d_lr = run.lr if run.discriminator_lr is None else run.discriminator_lr
-        groups = (param_groups(self.module.generator, run.weight_decay, run.lr)
-                  + param_groups(self.module.discriminator, run.weight_decay, d_lr))
-        optimizer = build_optimizer(self.module, run.lr, run.adam_betas, run.adam_eps, run.weight_decay, run.optimizer,
-                                    groups=groups)
-        scheduler = lr_schedule(optimizer, run.warmup_steps, run.max_steps)
-        self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    config=ds)
-        self.device = self.engine.device
-        self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
+        return (param_groups(self.module.generator, run.weight_decay, run.lr)
+                + param_groups(self.module.discriminator, run.weight_decay, d_lr))
 
     def describe(self):
         from deepspeed.utils import get_z3_leaf_modules

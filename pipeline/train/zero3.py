@@ -14,7 +14,7 @@ import torch.distributed as dist
 from model.heads import DebertaForMaskedLM
 from pipeline.ds_config import zero_stage
 from pipeline.errors import ReleaseError
-from pipeline.lifecycle import mean_over_ranks, raise_on_every_rank
+from pipeline.lifecycle import mean_over_ranks, raise_where_read
 from pipeline.optim import build_optimizer, lr_schedule
 from pipeline.release.read import Release
 from pipeline.train.stepper import Stepper
@@ -31,17 +31,25 @@ def build_zero3_model(run, ds, model_config, rank):
     import torch._dynamo  # noqa: F401
     with deepspeed.zero.Init(config_dict_or_path=ds, enabled=stage == 3):
         model = DebertaForMaskedLM(model_config, emd=run.emd)
-    if stage == 3:
-        deepspeed.zero.register_external_parameter(model.lm_predictions.lm_head,
-                                                   model.deberta.embeddings.word_embeddings.weight)
-        if run.zero3_leaf_layers:
-            for layer in leaf_layers(model):
-                deepspeed.utils.set_z3_leaf_module(layer, True)
-    if run.activation_checkpointing:
-        model.deberta.encoder.checkpoint_fn = torch_checkpoint
+    prepare_for_engine(run, stage, model, leaf_layers(model), [model.deberta.encoder])
     if run.init_from_release:
         load_release_into(model, run.init_from_release, stage, rank)
     return model
+
+
+def prepare_for_engine(run, stage, mlm_model, leaves, encoders):
+    """What a model built for mode zero3 needs before DeepSpeed wraps it: under ZeRO-3 the MLM decoder's read of
+    the tied word table registered as an external parameter and `leaves` made leaf modules (zero3_leaf_layers);
+    with activation_checkpointing, each of `encoders` recomputing its layers."""
+    if stage == 3:
+        deepspeed.zero.register_external_parameter(mlm_model.lm_predictions.lm_head,
+                                                   mlm_model.deberta.embeddings.word_embeddings.weight)
+        if run.zero3_leaf_layers:
+            for layer in leaves:
+                deepspeed.utils.set_z3_leaf_module(layer, True)
+    if run.activation_checkpointing:
+        for encoder in encoders:
+            encoder.checkpoint_fn = torch_checkpoint
 
 
 def leaf_layers(model):
@@ -73,10 +81,7 @@ def load_release_into(model, path, stage, rank):
             release.check_tie()
         except ReleaseError as e:
             error = e
-    if stage == 3:  # every rank must stop on a bad release, not only the one that read it
-        raise_on_every_rank(error)
-    elif error is not None:
-        raise error
+    raise_where_read(error, stage == 3)  # every rank must stop on a bad release, not only the one that read it
     own = dict(model.named_parameters())
     shapes = {name: tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape) for name, p in own.items()}
     release.check_fits(shapes, "pretraining model", unexpected_ok=lambda key: True)
@@ -93,13 +98,22 @@ class Zero3Stepper(Stepper):
 
     def __init__(self, run, ds, model_config, rank):
         self.run, self.accumulation = run, ds["gradient_accumulation_steps"]
-        self.module = build_zero3_model(run, ds, model_config, rank)
-        optimizer = build_optimizer(self.module, run.lr, run.adam_betas, run.adam_eps, run.weight_decay, run.optimizer)
+        self.module = self.build_module(run, ds, model_config, rank)
+        optimizer = build_optimizer(self.module, run.lr, run.adam_betas, run.adam_eps, run.weight_decay, run.optimizer,
+                                    groups=self.optimizer_groups(run))
         scheduler = lr_schedule(optimizer, run.warmup_steps, run.max_steps)
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=ds)
         self.device = self.engine.device
         self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
+
+    @staticmethod
+    def build_module(run, ds, model_config, rank):
+        return build_zero3_model(run, ds, model_config, rank)
+
+    def optimizer_groups(self, run):
+        """The optimizer's parameter groups; None: the one rule of pipeline/optim.py over the whole module."""
+        return None
 
     def describe(self):
         from deepspeed.utils import get_z3_leaf_modules

@@ -80,7 +80,7 @@ def test_a_checkpoint_round_trip_repeats_the_next_step_bitwise(process_group, re
     meta = {"model_config": run.model_config().to_dict(), "mode": "zero3", "pipeline_stages": 1, "dp_size": 1}
     checkpoint.save(stepper, str(tmp_path), 1, {"data": {"consumed_samples": 8}}, meta, keep_last=2, rank=0)
     second = stepper.train_step(batches)["loss"]
-    tag, saved = checkpoint.latest(str(tmp_path))
+    tag, saved, _ = checkpoint.newest_complete(str(tmp_path))
     assert tag == "global_step1" and saved["step"] == 1
     state = checkpoint.load(stepper, str(tmp_path), tag, rank=0)
     assert state["step"] == 1 and state["data"]["consumed_samples"] == 8
@@ -123,4 +123,4 @@ def test_a_save_that_cannot_write_names_the_file_keeps_the_previous_checkpoint_a
     message = str(error.value)
     assert message.startswith(f"saving checkpoint {tmp_path / 'global_step2'} failed: {tmp_path / 'global_step2'}/")
     assert "File too large; the previous checkpoint global_step1 is kept" in message
-    assert not (tmp_path / "global_step2").exists() and checkpoint.latest(str(tmp_path))[0] == "global_step1"
+    assert not (tmp_path / "global_step2").exists() and checkpoint.newest_complete(str(tmp_path))[0] == "global_step1"
