@@ -2,7 +2,7 @@
 (pipeline/train/), and release directories are read and written by pipeline/release/."""
 from model.config import PRESETS, DebertaConfig, preset
 from model.encoder import DebertaModel, Output
-from model.heads import DebertaForMaskedLM, DebertaForMultipleChoice, DebertaForSequenceClassification
+from model.heads import DebertaForEntityScoring, DebertaForMaskedLM, DebertaForMultipleChoice, DebertaForSequenceClassification
 
 __all__ = ["PRESETS", "DebertaConfig", "preset", "DebertaModel", "Output", "DebertaForMaskedLM",
-           "DebertaForMultipleChoice", "DebertaForSequenceClassification"]
+           "DebertaForMultipleChoice", "DebertaForSequenceClassification", "DebertaForEntityScoring"]

@@ -1,5 +1,5 @@
 """Task heads on the DeBERTa encoder: MLM with the Enhanced Mask Decoder, sequence classification /
-regression, multiple choice.
+regression, multiple choice, entity scoring (ReCoRD).
 
 Enhanced Mask Decoder (paper §3.2 and A.8, spec §3): absolute positions enter only here, just before
 the MLM softmax. With H = the input of the last encoder layer (the output of layer L-1) and Z the
@@ -221,4 +221,52 @@ class DebertaForMultipleChoice(nn.Module):
         hidden = self.deberta(flat(input_ids), flat(attention_mask), flat(token_type_ids), flat(position_ids)).last_hidden_state
         logits = self.classifier(self.dropout(self.pooler(hidden))).view(-1, num_choices)
         loss = None if labels is None else F.cross_entropy(logits.float(), labels.view(-1).long())
+        return Output(logits=logits, loss=loss)
+
+
+def pool_entities(hidden, entity_tokens):
+    """Each entity's state, pooled over its tokens by attention with the [CLS] state as the query (the
+    official ReCoRD head): w_s = softmax_s(h_s · h_[CLS] / √D) over the entity's token positions s, then
+    Σ_s w_s h_s. hidden [B, N, D]; entity_tokens [B, E, S] positions, 0 = padding ([CLS] is never an
+    entity token). Returns [B, E, D] and the mask of real positions [B, E, S]."""
+    real = entity_tokens > 0
+    batch = torch.arange(hidden.shape[0], device=hidden.device)[:, None, None]
+    states = hidden[batch, entity_tokens]                                           # [B, E, S, D]
+    affinity = torch.einsum("bnd,bd->bn", hidden, hidden[:, 0]) / hidden.shape[-1] ** 0.5
+    scores = affinity[batch, entity_tokens].masked_fill(~real, -10000.0)           # [B, E, S]
+    weights = torch.softmax(scores.float(), dim=-1).to(hidden.dtype)
+    return torch.einsum("bes,besd->bed", weights, states), real
+
+
+def entity_loss(logits, labels, present):
+    """Binary cross-entropy per entity, over the entities that are there and labelled (labels >= 0)."""
+    keep = present & (labels >= 0)
+    if not keep.any():
+        return logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits[keep].float(), labels[keep].float())
+
+
+class DebertaForEntityScoring(nn.Module):
+    """ReCoRD (official `ReCoRDQAModel`): one pass over [CLS] passage [SEP] query [SEP], one logit per
+    candidate entity: pool_entities, then proj (D -> D), GELU, dropout, classifier (D -> 1).
+
+    entity_tokens [B, E, S]: the token positions of each candidate's mentions (0 = padding); logits [B, E],
+    -10000 where an entity row is padding; labels [B, E] with 1 / 0 per entity, < 0 to ignore."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.deberta = DebertaModel(config)
+        self.proj = Linear(config.hidden_size, config.hidden_size, std=config.initializer_range)
+        self.dropout = Dropout(config.classifier_dropout)
+        self.classifier = Linear(config.hidden_size, 1, std=config.initializer_range)
+
+    def forward(self, input_ids=None, attention_mask=None, entity_tokens=None, labels=None, token_type_ids=None,
+                position_ids=None):
+        hidden = self.deberta(input_ids, attention_mask, token_type_ids, position_ids).last_hidden_state
+        pooled, real = pool_entities(hidden, entity_tokens)
+        logits = self.classifier(self.dropout(F.gelu(self.proj(pooled)))).squeeze(-1).float()
+        present = real.any(-1)
+        logits = logits.masked_fill(~present, -10000.0)
+        loss = None if labels is None else entity_loss(logits, labels, present)
         return Output(logits=logits, loss=loss)

@@ -3,7 +3,7 @@ over names; nothing here reads a file.
 
 Ours are transformers' keys with a task model's layout: `deberta.*` for the encoder, `lm_predictions.lm_head.*`
 for the MLM head (the official checkpoints' and transformers' legacy=False layout), `pooler.*`/`classifier.*`
-for task heads, and `deberta.embeddings.position_embeddings.weight` for the Enhanced Mask Decoder's absolute
+for task heads (`proj.*`/`classifier.*` for ReCoRD's entity scoring, the official keys), and `deberta.embeddings.position_embeddings.weight` for the Enhanced Mask Decoder's absolute
 position table (transformers ignores it).
 
 Accepted from a release besides ours:
@@ -35,7 +35,7 @@ LEGACY_DECODER = "cls.predictions.decoder.weight"
 TIED_LEGACY = (LEGACY_DECODER, "cls.predictions.decoder.bias")
 IGNORED_PREFIXES = ("mask_predictions.",)
 MLM_HEAD_PREFIX = "lm_predictions."
-TASK_HEAD_PREFIXES = ("pooler.", "classifier.")
+TASK_HEAD_PREFIXES = ("pooler.", "classifier.", "proj.")  # proj: the entity-scoring head (ReCoRD)
 
 
 def from_release(key):

@@ -47,6 +47,7 @@ class FinetuneConfig:
     clip_grad_norm: float = 1.0               # DeepSpeed's gradient_clipping
     start_from: str = "pretrained"            # "pretrained", or "MNLI": the preset's advice (--init-from-mnli)
     attention_impl: Optional[str] = None      # None: the release's (model/config.py ATTENTION_IMPLS)
+    group_by_length: bool = True              # training batches of similar lengths (pipeline/finetune/batches.py)
     sift: SiFTSettings = field(default_factory=SiFTSettings)
 
     @classmethod

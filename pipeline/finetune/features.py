@@ -41,7 +41,7 @@ class _SequenceEncoder:
     def __init__(self, tokenizer, max_seq_len):
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
-        # ReCoRD repeats its passage for every candidate and query: encode each text once.
+        # MultiRC repeats its passage for every answer option: encode each text once.
         self.encode_text = functools.lru_cache(maxsize=4096)(lambda text: tuple(tokenizer.encode(text)))
         self.specials_single = len(tokenizer.build_inputs([]))
         self.specials_pair = len(tokenizer.build_inputs([], []))
@@ -61,32 +61,109 @@ def _label_or_ignore(label):
 
 
 def build_features(task, examples, tokenizer, max_seq_len):
-    """Token-id features in example order. Every feature has "label" and "example_index"; also
-      classification / grouped_binary: "input_ids" (MultiRC: "group" = (passage, question) idx)
-      multiple_choice: "choices" (one id list per choice)
-      candidate_ranking: "input_ids" per candidate row, "group" = query idx, "candidate_index";
-                         label 1 when the candidate is a gold answer.
+    """Token-id features in example order. Every feature has "example_index"; also
+      classification / grouped_binary: "input_ids", "label" (MultiRC: "group" = (passage, question) idx)
+      multiple_choice: "choices" (one id list per choice), "label"
+      entity_scoring: one feature per (query, passage window): "input_ids", "entities" = [(candidate index,
+                      its mentions' token positions in input_ids)], "entity_labels" (1.0 for a gold
+                      candidate, else 0.0), "window"
     Labels are IGNORE_LABEL (-100) where the split has none.
     """
+    if task.kind == "entity_scoring":
+        return entity_features(examples, tokenizer, max_seq_len)
     encode = _SequenceEncoder(tokenizer, max_seq_len)
     features = []
     for index, example in enumerate(examples):
         if task.kind == "multiple_choice":
             features.append({"choices": [encode(a, b) for a, b in example.inputs],
                              "label": _label_or_ignore(example.label), "example_index": index})
-        elif task.kind == "candidate_ranking":
-            for candidate_index, (a, b) in enumerate(example.inputs):
-                is_answer = int(example.candidates[candidate_index] in example.answers)
-                features.append({"input_ids": encode(a, b),
-                                 "label": is_answer if example.answers else IGNORE_LABEL,
-                                 "example_index": index, "group": example.key,
-                                 "candidate_index": candidate_index})
         else:
             (a, b), = example.inputs
             feature = {"input_ids": encode(a, b), "label": _label_or_ignore(example.label), "example_index": index}
             if task.kind == "grouped_binary":
                 feature["group"] = example.group
             features.append(feature)
+    return features
+
+
+# --------------------------------------------------------------------------------------------------
+# ReCoRD: one encoder pass per (query, passage window), every candidate entity scored from it
+
+def passage_tokens(tokenizer, passage, mentions):
+    """Token ids of the passage and each mention's token span: [(candidate index, first, end)].
+
+    The text is cut at every mention boundary and the pieces are encoded one by one (as the official code
+    encodes word by word), so each mention starts and ends on a token boundary; nested and overlapping
+    mentions ("Barack Obama", "Obama") are both kept."""
+    cuts = sorted({0, len(passage)} | {m[1] for m in mentions} | {m[2] for m in mentions})
+    pieces = [tokenizer.encode(passage[a:b]) for a, b in zip(cuts, cuts[1:])]
+    token_at, ids = {cuts[0]: 0}, []
+    for cut, piece in zip(cuts[1:], pieces):
+        ids.extend(piece)
+        token_at[cut] = len(ids)
+    spans = [(candidate, token_at[start], token_at[end]) for candidate, start, end in mentions]
+    return ids, [span for span in spans if span[2] > span[1]]
+
+
+def query_tokens(tokenizer, query, budget):
+    """The query's ids with [MASK] in place of @placeholder (official), at most `budget` of them, kept around
+    the mask."""
+    before, after = query.split("@placeholder", 1)
+    ids_before, ids_after = tokenizer.encode(before), tokenizer.encode(after)
+    ids = ids_before + [tokenizer.mask_id] + ids_after
+    if len(ids) <= budget:
+        return ids
+    first = max(0, min(len(ids_before) - budget // 2, len(ids) - budget))
+    return ids[first:first + budget]
+
+
+def window_starts(num_tokens, window):
+    """Start of each window of `window` passage tokens; consecutive windows overlap by half a window, so a
+    mention up to half a window long lies whole in at least one of them."""
+    stride = max(window // 2, 1)
+    starts = [0]
+    while starts[-1] + window < num_tokens:
+        starts.append(starts[-1] + stride)
+    return starts
+
+
+def entity_features(examples, tokenizer, max_seq_len):
+    """ReCoRD features: [CLS] passage window [SEP] query [SEP] per window, with the candidates it mentions.
+
+    A passage longer than the room left by the query is cut into overlapping windows, each with the query.
+    A mention lies in every window that holds it whole; one that no window holds whole (longer than half a
+    window) is scored in the window where it starts, cut at that window's end. So every mention of every
+    candidate is scored somewhere, and no gold answer is lost to the length limit."""
+    room = max_seq_len - 3                                   # [CLS] window [SEP] query [SEP]
+    if room < 2:
+        raise ValueError(f"max_seq_len {max_seq_len} leaves no room for a passage and a query")
+    by_passage = functools.lru_cache(maxsize=64)(lambda text, mentions: passage_tokens(tokenizer, text, mentions))
+    features = []
+    for index, example in enumerate(examples):
+        (passage, query), = example.inputs
+        ids, spans = by_passage(passage, example.mentions)
+        query_ids = query_tokens(tokenizer, query, room // 2)
+        window = room - len(query_ids)
+        starts = window_starts(len(ids), window)
+        placed = [{} for _ in starts]
+        for candidate, first, end in spans:
+            homes = [i for i, start in enumerate(starts) if start <= first and end <= start + window]
+            if not homes:
+                homes = [max(i for i, start in enumerate(starts) if start <= first)]
+            for i in homes:
+                stop = min(end, starts[i] + window)
+                placed[i].setdefault(candidate, set()).update(range(first - starts[i] + 1, stop - starts[i] + 1))
+        gold = set(example.answers)
+        for number, (start, entities) in enumerate(zip(starts, placed)):
+            if not entities:
+                continue                                     # nothing to score in this window
+            candidates = sorted(entities)
+            features.append({
+                "input_ids": tokenizer.build_inputs(ids[start:start + window], query_ids),
+                "entities": [(c, sorted(entities[c])) for c in candidates],
+                "entity_labels": [float(example.candidates[c] in gold) if gold else float(IGNORE_LABEL)
+                                  for c in candidates],
+                "example_index": index, "window": number})
     return features
 
 
@@ -111,8 +188,26 @@ def collate(features, pad_id=0):
     if "choices" in features[0]:
         shape = (len(features), len(features[0]["choices"]), longest)
         input_ids, attention_mask = input_ids.view(shape), attention_mask.view(shape)
+    if "entities" in features[0]:
+        return {"input_ids": input_ids, "attention_mask": attention_mask, **collate_entities(features)}
     labels = torch.tensor([f["label"] for f in features], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_entities(features):
+    """entity_tokens [B, E, S]: each candidate's token positions, 0 (the [CLS] position, never a mention)
+    as padding; labels [B, E] float, IGNORE_LABEL on padding and where the split has no gold."""
+    import torch
+
+    most_entities = max(len(f["entities"]) for f in features)
+    most_tokens = max(len(positions) for f in features for _, positions in f["entities"])
+    entity_tokens = torch.zeros((len(features), most_entities, most_tokens), dtype=torch.long)
+    labels = torch.full((len(features), most_entities), float(IGNORE_LABEL))
+    for row, feature in enumerate(features):
+        for column, (_, positions) in enumerate(feature["entities"]):
+            entity_tokens[row, column, :len(positions)] = torch.tensor(positions, dtype=torch.long)
+        labels[row, :len(feature["entity_labels"])] = torch.tensor(feature["entity_labels"])
+    return {"entity_tokens": entity_tokens, "labels": labels}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,32 +219,37 @@ def _as_array(logits):
     return np.asarray(logits, dtype=np.float64)
 
 
-def _candidate_scores(logits):
-    """One score per ReCoRD row: logit(answer) − logit(not answer) for a 2-way head (same order as the
-    softmax probability of "answer"), or the single logit of a 1-output head."""
-    if logits.ndim == 2 and logits.shape[1] == 2:
-        return logits[:, 1] - logits[:, 0]
-    return logits.reshape(len(logits))
-
-
 def decode(task, examples, features, logits):
     """Model outputs, one row per feature in feature order, -> {example key: prediction}.
 
     The prediction is a label index (COPA: choice index; MultiRC: 0/1 per answer option), or for
     ReCoRD the text of the best-scoring candidate entity of each query.
     """
-    logits = _as_array(logits)
     if len(logits) != len(features):
         raise ValueError(f"{len(logits)} rows of logits for {len(features)} features")
-    if task.kind != "candidate_ranking":
-        best = logits.argmax(axis=-1)
-        return {examples[f["example_index"]].key: int(choice) for f, choice in zip(features, best)}
-    best_per_query = {}
-    for feature, score in zip(features, _candidate_scores(logits)):
-        index = feature["example_index"]
-        if index not in best_per_query or score > best_per_query[index][0]:
-            best_per_query[index] = (score, feature["candidate_index"])
-    return {examples[i].key: examples[i].candidates[c] for i, (_, c) in best_per_query.items()}
+    if task.kind == "entity_scoring":
+        return best_entities(examples, features, logits)
+    best = _as_array(logits).argmax(axis=-1)
+    return {examples[f["example_index"]].key: int(choice) for f, choice in zip(features, best)}
+
+
+def best_entities(examples, features, logits):
+    """{query key: the text of its best candidate}. A candidate's score is the highest logit it gets in any
+    window: the window that holds the sentence the query is about gives the evidence, the others at most
+    a weaker mention; averaging them would penalise an entity for being named elsewhere in a long passage.
+    Ties go to the candidate named first; a query with no scored candidate gets its first one."""
+    scores = {}
+    for feature, row in zip(features, logits):
+        row = _as_array(row).reshape(-1)
+        query = scores.setdefault(feature["example_index"], {})
+        for column, (candidate, _) in enumerate(feature["entities"]):
+            query[candidate] = max(query.get(candidate, -np.inf), float(row[column]))
+    predictions = {}
+    for index, example in enumerate(examples):
+        query = scores.get(index, {})
+        best = max(sorted(query), key=lambda c: query[c]) if query else 0
+        predictions[example.key] = example.candidates[best]
+    return predictions
 
 
 def score(task, examples, predictions):

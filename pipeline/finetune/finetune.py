@@ -8,6 +8,10 @@ then --set key=value (dotted keys reach into "sift"), then the named options (--
 last one wins. Unknown keys and wrong types are refused. The resolved values are printed and kept in
 OUT/metrics.json.
 
+Batches (pipeline/finetune/batches.py): a shuffled order per (seed, epoch), grouped by length so that a batch
+holds examples of similar length (--set group_by_length=false: plain shuffling); the fraction of padded
+positions is logged per epoch and kept in metrics.json. Evaluation batches by length too.
+
 Training: AdamW with no weight decay on biases and LayerNorm weights, linear warmup then linear decay
 (pipeline/optim.py), gradient clipping (clip_grad_norm) by DeepSpeed. The DeepSpeed config gives the ZeRO
 stage and precision; its batch-size and clipping fields are filled from the settings (absent or "auto"
@@ -149,7 +153,8 @@ def ds_config_for(args, settings, fields):
 
 # ---------------------------------------------------------------- model
 def head_task(task):
-    return "multiple_choice" if task.kind == "multiple_choice" else "classification"
+    """The release reader's name of the head a task trains (pipeline/release/read.py TASKS)."""
+    return task.kind if task.kind in ("multiple_choice", "entity_scoring") else "classification"
 
 
 def build_model(args, task, attention_impl=None):
@@ -193,26 +198,10 @@ def release_labels(task):
     """What a fine-tuned release's config.json says about its head: the task, and its labels (transformers'
     id2label/label2id) where the head has one output per label."""
     values = {"finetuning_task": task.name}
-    if task.kind != "multiple_choice":
+    if task.kind not in ("multiple_choice", "entity_scoring"):
         values["id2label"] = {str(i): name for i, name in enumerate(task.label_names)}
         values["label2id"] = {name: i for i, name in enumerate(task.label_names)}
     return values
-
-
-# ---------------------------------------------------------------- data
-def epoch_micro_batches(num_features, settings, epoch, rank, world_size):
-    """This rank's micro-batches (feature index lists) of one epoch.
-
-    Every rank walks the same shuffled order (seed + epoch), padded by wrapping around to whole global
-    batches, so all ranks make the same number of forward/backward calls (ZeRO's collectives need it).
-    """
-    batch, micro = settings.batch_size, settings.micro_batch_size
-    generator = torch.Generator().manual_seed(settings.seed + epoch)
-    order = torch.randperm(num_features, generator=generator).tolist()
-    steps = math.ceil(num_features / batch)
-    order = (order * math.ceil(steps * batch / num_features))[:steps * batch]
-    pieces = [order[i:i + micro] for i in range(0, len(order), micro)]
-    return pieces[rank::world_size], steps
 
 
 # ---------------------------------------------------------------- saving
@@ -290,6 +279,7 @@ def seed_everything(seed):
 
 def finetune(args):
     from pipeline.data.tokenizer import Tokenizer
+    from pipeline.finetune.batches import epoch_micro_batches, feature_length, padding_fraction
     from pipeline.finetune.features import collate
     from pipeline.finetune.inference import evaluate, to_device
     from pipeline.finetune.sift import SiFT
@@ -319,6 +309,7 @@ def finetune(args):
     val_examples = task.load("val", args.data_dir)
     train_features = task.build_features(train_examples, tokenizer, settings.max_seq_len)
     val_features = task.build_features(val_examples, tokenizer, settings.max_seq_len)
+    train_lengths = [feature_length(f) for f in train_features]
     seed_everything(settings.seed)
     model = build_model(args, task, settings.attention_impl)
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -342,8 +333,8 @@ def finetune(args):
     sift = SiFT(engine.module, lambda_=lambda_, init=sift_settings.vat_init_perturbation,
                 step=sift_settings.vat_learning_rate, ascent_loss=sift_settings.vat_loss_fn)
 
-    log(f"{task.name}: {len(train_examples)} train / {len(val_examples)} val examples, {world_size} rank(s), "
-        f"{total_steps} steps; DeepSpeed config {ds_path}")
+    log(f"{task.name}: {len(train_examples)} train / {len(val_examples)} val examples ({len(train_features)} / "
+        f"{len(val_features)} sequences), {world_size} rank(s), {total_steps} steps; DeepSpeed config {ds_path}")
     log("settings: " + json.dumps(settings.to_dict(), sort_keys=True))
     log(f"SiFT: {'on, λ=' + str(lambda_) if sift.enabled else 'off'}")
 
@@ -359,8 +350,10 @@ def finetune(args):
     started = time.time() - position.get("elapsed_s", 0.0)
     for epoch in range(start_epoch, settings.epochs + 1):
         engine.train()
-        micro_batches, _ = epoch_micro_batches(len(train_features), settings, epoch, rank, world_size)
+        micro_batches, _, every_rank = epoch_micro_batches(train_lengths, settings, epoch, rank, world_size)
+        padding = padding_fraction([[train_features[i] for i in piece] for piece in every_rank])
         resuming = epoch == start_epoch and position
+        epoch_started = time.time()
         sums = np.array(position["sums"][rank]) if resuming else np.zeros(3)
         for index in range(start_batch if resuming else 0, len(micro_batches)):
             batch = to_device(collate([train_features[i] for i in micro_batches[index]]), engine.device)
@@ -384,10 +377,12 @@ def finetune(args):
                     f"(epoch {epoch}): checkpoint saved in {ckpt_dir}; exit {EXIT_REQUEUE} (run again to resume)")
                 return EXIT_REQUEUE
         train_loss, task_loss, adv_loss = mean_over_ranks((sums / max(len(micro_batches), 1)).tolist(), engine.device)
+        train_s = time.time() - epoch_started   # this epoch's training (after a resume: since the resume)
         scores = evaluate(engine, task, val_examples, val_features, settings.eval_batch_size, rank, world_size)
         record = {"epoch": epoch, "step": epoch * steps_per_epoch, "lr": engine.get_lr()[0],
                   "train_loss": train_loss, "task_loss": task_loss,
                   "adv_loss": adv_loss if sift.enabled else None, "val": scores,
+                  "padding_fraction": round(padding, 4), "train_s": round(train_s, 2),
                   "elapsed_s": round(time.time() - started, 1)}
         epochs.append(record)
         improved = best is None or scores["score"] > best["val"]["score"]
@@ -395,7 +390,7 @@ def finetune(args):
             best = record
             save_best(engine, task, best_dir, spm_path, args.save_dtype, rank)
         log(f"epoch {epoch}: train loss {train_loss:.4f} (task {task_loss:.4f}"
-            + (f", adv {adv_loss:.4f}" if sift.enabled else "") + "), val "
+            + (f", adv {adv_loss:.4f}" if sift.enabled else "") + f"), padding {padding:.1%}, {train_s:.1f} s, val "
             + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()) + (" (best, saved)" if improved else ""))
 
     summary = {"task": task.name, "start": args.release or args.init_from_mnli,

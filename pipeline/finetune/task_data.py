@@ -66,7 +66,7 @@ def check_gold(task, examples, split, where):
         return
     for example in examples:
         if not example.has_gold(task.kind):
-            what = "answers" if task.kind == "candidate_ranking" else "label"
+            what = "answers" if task.kind == "entity_scoring" else "label"
             raise DataError(f"{where}: missing {what} in the {split} split (idx {example.key!r})")
 
 

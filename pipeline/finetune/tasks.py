@@ -14,10 +14,10 @@ Kinds of task (what the model head must do):
                      (BoolQ, CB, RTE, WiC, WSC, MNLI; AX-b and AX-g are predicted by the RTE model)
   multiple_choice    COPA: one sequence per choice, one score per choice, softmax over the choices
   grouped_binary     MultiRC: one binary example per answer option; EM groups them by question
-  candidate_ranking  ReCoRD: one binary row per candidate entity, the entity written in place of
-                     @placeholder; the query's prediction is its candidate with the highest score.
-                     Rows rather than one [C, N] multiple-choice item, because a query has up to ~100
-                     candidates of up to 512 tokens each, and several candidates can be right (aliases).
+  entity_scoring     ReCoRD: [CLS] passage [SEP] query with [MASK] for @placeholder [SEP], encoded once per
+                     query (long passages in overlapping windows), and every candidate entity scored from
+                     the token states of its mentions (model/heads.py DebertaForEntityScoring, the official
+                     recipe); the query's prediction is its candidate with the highest score.
 
 Data: the official SuperGLUE layout `DIR/<Task>/{train,val,test}.jsonl` (diagnostics:
 `DIR/AX-b/AX-b.jsonl`, `DIR/AX-g/AX-g.jsonl`), GLUE's `DIR/MNLI/{train,dev_matched,...}.tsv`, or, with
@@ -58,12 +58,13 @@ class Example:
     inputs: list                   # (segment_a, segment_b or None), one per sequence the model reads
     label: Optional[int] = None    # label index (COPA: choice index); None where the split has no labels
     group: Any = None              # MultiRC: (passage, question) idx; AX-g: the number of its minimal pair
-    candidates: tuple = ()         # ReCoRD: candidate entity texts, aligned with `inputs`
+    candidates: tuple = ()         # ReCoRD: candidate entity texts, unique, in first-seen order
     answers: tuple = ()            # ReCoRD: gold answer texts (empty on test)
+    mentions: tuple = ()           # ReCoRD: (candidate index, start, end) character spans in inputs[0][0], end exclusive
     where: str = ""                # AX-g: the file and line it came from (for messages)
 
     def has_gold(self, kind):
-        return bool(self.answers) if kind == "candidate_ranking" else self.label is not None
+        return bool(self.answers) if kind == "entity_scoring" else self.label is not None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,39 +272,75 @@ def _parse_multirc(task, record, where):
     return examples
 
 
+HIGHLIGHT = re.compile(r"(\n)?@highlight\n")
+
+
 def _clean_record_passage(text):
-    # CNN/Daily Mail passages end with "@highlight\n<summary line>" blocks; make them sentences.
-    text = re.sub(r"([.?!\"'])\n@highlight\n", r"\1 ", text)
-    return text.replace("\n@highlight\n", ". ").replace("@highlight\n", "")
+    """CNN/Daily Mail passages end with "@highlight\n<summary line>" blocks; make them sentences.
+
+    Returns the cleaned text and, for each character position of `text` (and its end), the position in
+    the cleaned text, so that the entity spans, given on the raw text, can be carried over."""
+    pieces, where, kept, cleaned_length = [], [0] * (len(text) + 1), 0, 0
+    for marker in HIGHLIGHT.finditer(text):
+        start = marker.start()
+        for i in range(kept, start):
+            where[i] = cleaned_length + i - kept
+        pieces.append(text[kept:start])
+        cleaned_length += start - kept
+        previous = text[start - 1] if start else ""
+        joint = "" if marker.group(1) is None else " " if previous in ".?!\"'" else ". "
+        for i in range(start, marker.end()):
+            where[i] = cleaned_length
+        pieces.append(joint)
+        cleaned_length += len(joint)
+        kept = marker.end()
+    for i in range(kept, len(text) + 1):
+        where[i] = cleaned_length + i - kept
+    pieces.append(text[kept:])
+    return "".join(pieces), where
 
 
-def _record_example(query_idx, passage, query, entities, answers, where):
+def _find_all(text, entity):
+    """Character spans of every occurrence of `entity` in `text` (the `datasets` copy gives no spans)."""
+    spans, start = [], text.find(entity)
+    while start >= 0 and entity:
+        spans.append((start, start + len(entity)))
+        start = text.find(entity, start + 1)
+    return spans
+
+
+def _record_example(query_idx, passage, query, entities, spans, answers, where):
+    """A ReCoRD query: `entities` are the entity texts as listed, `spans` their mentions in the raw passage
+    (start, end exclusive)."""
     if "@placeholder" not in query:
         raise DataError(f"{where}: ReCoRD query has no @placeholder: {query!r}")
-    candidates = tuple(dict.fromkeys(entities))         # unique, first-seen order
-    if not candidates:
+    if not entities:
         raise DataError(f"{where}: ReCoRD passage has no candidate entities")
-    passage = _clean_record_passage(passage)
-    inputs = [(passage, query.replace("@placeholder", entity)) for entity in candidates]
-    return Example(query_idx, inputs, candidates=candidates, answers=tuple(answers))
+    candidates = tuple(dict.fromkeys(entities))         # unique, first-seen order
+    cleaned, where_cleaned = _clean_record_passage(passage)
+    mentions = tuple(sorted({(candidates.index(passage[start:end]), where_cleaned[start], where_cleaned[end])
+                             for start, end in spans}, key=lambda m: (m[1], m[2], m[0])))
+    return Example(query_idx, [(cleaned, query)], candidates=candidates, answers=tuple(answers), mentions=mentions)
 
 
 def _parse_record(task, record, where):
-    # [passage, query with the candidate entity in place of @placeholder], one row per candidate.
-    # (The official DeBERTa model instead pools entity mentions with a special head; see spec §6.1.)
+    # One example per query: the passage, the query and the candidate entities with their mentions.
     passage = _field(record, "passage", where, dict)
     text = _field(passage, "text", f"{where} (passage)", str)
-    entities = []
+    spans = []
     for span in _field(passage, "entities", f"{where} (passage)", list):
         start, end = _int_field(span, "start", f"{where} (entity)"), _int_field(span, "end", f"{where} (entity)")
-        entities.append(text[start:end + 1])            # ReCoRD's "end" is inclusive
+        if not 0 <= start <= end < len(text):
+            raise DataError(f"{where}: entity span [{start}, {end}] is outside the passage ({len(text)} characters)")
+        spans.append((start, end + 1))                 # ReCoRD's "end" is inclusive
     examples = []
     for qa in _field(record, "qas", where, list):
         query_idx = _int_field(qa, "idx", f"{where} (query)")
         query_where = f"{where} (query {query_idx})"
         answers = [_field(a, "text", f"{query_where} (answer)", str) for a in qa.get("answers", [])]
         query = _field(qa, "query", query_where, str)
-        examples.append(_record_example(query_idx, text, query, entities, answers, query_where))
+        examples.append(_record_example(query_idx, text, query, [text[start:end] for start, end in spans], spans,
+                                        answers, query_where))
     return examples
 
 
@@ -452,8 +489,10 @@ def _hf_multirc_rows(task, rows, label_names, source):
 
 
 def _hf_record_rows(task, rows, label_names, source):
-    return [_record_example(row["idx"]["query"], row["passage"], row["query"], row["entities"], row["answers"],
-                            f"{source} row {row_no}") for row_no, row in enumerate(rows)]
+    # the `datasets` copy lists entity texts without their spans: every occurrence is a mention
+    return [_record_example(row["idx"]["query"], row["passage"], row["query"], row["entities"],
+                            [span for entity in row["entities"] for span in _find_all(row["passage"], entity)],
+                            row["answers"], f"{source} row {row_no}") for row_no, row in enumerate(rows)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -466,7 +505,7 @@ HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 @dataclass(frozen=True, eq=False)      # eq=False: tasks hash by identity (usable as dict keys)
 class Task:
     name: str                        # official name: data folder, submission file stem
-    kind: str                        # classification | multiple_choice | grouped_binary | candidate_ranking
+    kind: str                        # classification | multiple_choice | grouped_binary | entity_scoring
     label_names: tuple               # label index -> official label string
     label_style: str                 # how labels look in the data: "string", "bool" (JSON true/false), "int"
     parse: Callable                  # (task, record, "file:line") -> list[Example]
@@ -518,7 +557,7 @@ TASKS = {task.name: task for task in [
          _as_int, ("super_glue", "copa"), start_from="MNLI", mnli_head_rows=("entailment",)),
     Task("MultiRC", "grouped_binary", ("0", "1"), "int", _parse_multirc, _multirc_metric, ("f1a", "em"),
          _as_int, ("super_glue", "multirc"), hf_rows=_hf_multirc_rows, submission_records=_multirc_records),
-    Task("ReCoRD", "candidate_ranking", ("0", "1"), "int", _parse_record, _record_metric, ("f1", "em"),
+    Task("ReCoRD", "entity_scoring", ("0", "1"), "int", _parse_record, _record_metric, ("f1", "em"),
          _as_text, ("super_glue", "record"), hf_rows=_hf_record_rows),
     Task("RTE", "classification", RTE_LABELS, "string", _pair_parser("premise", "hypothesis"),
          _accuracy_metric, ("accuracy",), _label_string, ("super_glue", "rte"),

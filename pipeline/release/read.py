@@ -16,11 +16,13 @@ import sys
 
 import torch
 
-from model import DebertaConfig, DebertaForMaskedLM, DebertaForMultipleChoice, DebertaForSequenceClassification, DebertaModel
+from model import DebertaConfig, DebertaForEntityScoring, DebertaForMaskedLM, DebertaForMultipleChoice, \
+    DebertaForSequenceClassification, DebertaModel
 from model import state_dict_adapter as keys
 from pipeline.errors import ReleaseError
 
-TASKS = ("base", "mlm", "classification", "multiple_choice")
+TASKS = ("base", "mlm", "classification", "multiple_choice", "entity_scoring")
+HEAD_TASKS = ("classification", "multiple_choice", "entity_scoring")  # a new head is allowed
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -174,6 +176,8 @@ def build_model(config, task="base", num_labels=None, position_table=False, emd=
         return DebertaForSequenceClassification(config, num_labels=num_labels or 2)
     if task == "multiple_choice":
         return DebertaForMultipleChoice(config)
+    if task == "entity_scoring":
+        return DebertaForEntityScoring(config)
     raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
 
 
@@ -236,7 +240,7 @@ def load_release(path, task="base", num_labels=None, emd=True, attention_impl=No
     """Load a release directory as one of our models (an nn.Module in eval mode).
 
     task: "base" (.last_hidden_state), "mlm" (.logits), "classification" (.logits [B, num_labels]) or
-    "multiple_choice". emd: for "mlm", use the Enhanced Mask Decoder when the release has the absolute position
+    "multiple_choice" or "entity_scoring" (ReCoRD: .logits [B, E]). emd: for "mlm", use the Enhanced Mask Decoder when the release has the absolute position
     table (as the official pretraining did); False gives transformers' MLM head on the last layer."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
@@ -254,7 +258,7 @@ def load_release(path, task="base", num_labels=None, emd=True, attention_impl=No
     release.check_tie()
     with parameters_on_meta():  # no memory and no random initialisation for weights about to be replaced
         model = build_model(config, task, num_labels, position_table=has_table, emd=use_emd)
-    new = load_into_meta_model(model, task, release, dtype, allow_new_head=task in ("classification", "multiple_choice"))
+    new = load_into_meta_model(model, task, release, dtype, allow_new_head=task in HEAD_TASKS)
     if new:
         print(f"{path}: new task head, initialised randomly: {', '.join(new)}", file=sys.stderr)
     if dtype is not None:

@@ -16,14 +16,16 @@ import time
 
 import torch
 
-from model import DebertaForMaskedLM, DebertaForMultipleChoice, DebertaForSequenceClassification
+from model import DebertaForEntityScoring, DebertaForMaskedLM, DebertaForMultipleChoice, DebertaForSequenceClassification
 from model import state_dict_adapter as keys
 from pipeline.errors import ConfigError, ReleaseError
 from pipeline.io import atomic_copy, atomic_json, staged_directory
 
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int64": "I64"}
 ARCHITECTURES = {"mlm": "DebertaV2ForMaskedLM", "classification": "DebertaV2ForSequenceClassification",
-                 "multiple_choice": "DebertaV2ForMultipleChoice", "base": "DebertaV2Model"}
+                 "multiple_choice": "DebertaV2ForMultipleChoice", "base": "DebertaV2Model",
+                 # transformers has no ReCoRD head: its DebertaV2Model loads the encoder (proj/classifier ignored)
+                 "entity_scoring": "DebertaV2Model"}
 # what a release directory may hold (ours, transformers' save_pretrained, the published checkpoints)
 RELEASE_FILES = ("config.json", "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
                  "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json",
@@ -197,6 +199,8 @@ def task_of(model):
         return "classification"
     if isinstance(model, DebertaForMultipleChoice):
         return "multiple_choice"
+    if isinstance(model, DebertaForEntityScoring):
+        return "entity_scoring"
     return "base"
 
 

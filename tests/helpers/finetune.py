@@ -22,3 +22,31 @@ def write_cb_like(path, count, seed, labelled=True):
             if labelled:
                 record["label"] = label
             out.write(json.dumps(record) + "\n")
+
+
+NAMES = ("Oslo", "Paris", "Lima", "Cairo", "Delhi", "Quito", "Rome", "Tokyo", "Berlin", "Madrid", "Dakar", "Hanoi")
+
+
+def write_record_like(path, count, seed, labelled=True):
+    """Official ReCoRD jsonl lines, one query each: 3-5 candidate entities in a passage of filler; the one
+    named right after "certainly" is the answer. Passages run up to ~40 words, so a short max_seq_len needs
+    several windows."""
+    rng = random.Random(seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as out:
+        for idx in range(count):
+            names = rng.sample(NAMES, rng.randint(3, 5))
+            answer = rng.choice(names)
+            words, spans = [], []
+            for name in names:
+                words += [rng.choice(FILLER) for _ in range(rng.randint(2, 8))]
+                words += ["certainly"] if name == answer else [rng.choice(FILLER)]
+                start = len(" ".join(words + [""]))
+                words.append(name)
+                spans.append({"start": start, "end": start + len(name) - 1})
+            text = " ".join(words)
+            qa = {"idx": idx, "query": "they chose @placeholder"}
+            if labelled:
+                span = spans[names.index(answer)]
+                qa["answers"] = [dict(span, text=answer)]
+            out.write(json.dumps({"idx": idx, "passage": {"text": text, "entities": spans}, "qas": [qa]}) + "\n")

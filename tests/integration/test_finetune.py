@@ -1,6 +1,6 @@
 """`deberta-ds finetune` / `deberta-ds predict` end to end on a tiny random model and a learnable synthetic
 CB-like task (the label is given by a keyword in the hypothesis), under single-process DeepSpeed with
-SiFT on; plus the settings, schedule, batching and MNLI-initialisation helpers, and bad input.
+SiFT on; ReCoRD-like queries (the answer is the entity after a keyword) in passage windows; plus the settings, schedule, batching and MNLI-initialisation helpers, and bad input.
 
 DeepSpeed runs in a subprocess (`python -m pipeline.cli finetune ...`) so that its process group does
 not leak into pytest; with OMP_NUM_THREADS=1, because two threads on a shared 2-core machine made the
@@ -20,7 +20,7 @@ from pipeline.finetune import tasks as sg
 from pipeline.finetune.features import collate
 from pipeline.launch.env import free_port
 from pipeline.data.tokenizer import Tokenizer
-from tests.helpers.finetune import write_cb_like
+from tests.helpers.finetune import write_cb_like, write_record_like
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "superglue")
@@ -109,6 +109,53 @@ def test_predict_writes_the_submission_with_official_labels(finetuned, cb_data, 
     assert result.returncode == 0 and (tmp_path / "val" / "CB.jsonl").exists()
     scores = json.loads(result.stdout.split("scores: ")[1])
     assert scores["accuracy"] >= 0.9
+
+
+# ---------------------------------------------------------------- ReCoRD: entity scoring in windows
+@pytest.fixture(scope="module")
+def record_run(tmp_path_factory, tiny_release):
+    data = str(tmp_path_factory.mktemp("record"))
+    write_record_like(os.path.join(data, "ReCoRD", "train.jsonl"), 96, seed=1)
+    write_record_like(os.path.join(data, "ReCoRD", "val.jsonl"), 32, seed=2)
+    write_record_like(os.path.join(data, "ReCoRD", "test.jsonl"), 8, seed=3, labelled=False)
+    out = str(tmp_path_factory.mktemp("record_out"))
+    result = cli("finetune", "--task", "ReCoRD", "--release", tiny_release, "--data-dir", data, "--output-dir", out,
+                 *TRAIN_OPTIONS[:-2], "--max-seq-len", "24", "--epochs", "3", timeout=300)
+    return data, out, result
+
+
+def test_record_learns_from_one_pass_per_window_and_predicts(record_run, tmp_path):
+    data, out, result = record_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    # passages of up to ~45 tokens with max_seq_len 24: several windows per query, all scored
+    assert "96 train / 32 val examples (" in result.stdout and all(0 <= e["padding_fraction"] < 1 for e in metrics["epochs"])
+    assert metrics["best"]["val"]["em"] >= 0.6, metrics["epochs"]                  # chance: about 1/4
+    best = os.path.join(out, "best")
+    config = json.load(open(os.path.join(best, "config.json")))
+    assert config["finetuning_task"] == "ReCoRD" and "id2label" not in config
+    result = cli("predict", "--task", "ReCoRD", "--model", best, "--data-dir", data, "--output-dir", str(tmp_path),
+                 "--max-seq-len", "24", "--split", "val")
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads(result.stdout.split("scores: ")[1])
+    assert scores["em"] == pytest.approx(metrics["best"]["val"]["em"], abs=1e-4)
+    result = cli("predict", "--task", "ReCoRD", "--model", best, "--data-dir", data, "--output-dir", str(tmp_path),
+                 "--max-seq-len", "24")
+    lines = [json.loads(line) for line in open(tmp_path / "ReCoRD.jsonl")]
+    assert result.returncode == 0 and [line["idx"] for line in lines] == list(range(8))
+
+
+def test_record_release_loads_in_transformers_as_the_encoder(record_run, spm_path):  # noqa: F811
+    import transformers
+
+    best = os.path.join(record_run[1], "best")
+    hf = transformers.AutoModel.from_pretrained(best).eval()
+    ours = load_release(best, task="entity_scoring")
+    assert set(ours.state_dict()) >= {"proj.weight", "classifier.weight"}
+    ids = torch.tensor([[1, 50, 60, 70, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).last_hidden_state, ours.deberta(ids).last_hidden_state,
+                                   atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- bad input: one line, exit code 1

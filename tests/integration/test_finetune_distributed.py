@@ -15,7 +15,7 @@ from tests.helpers.finetune import write_cb_like
 
 # dropout 0 everywhere and SiFT with a small λ: the runs differ only in how the global batch is split, and
 # in SiFT's random initial perturbation (each rank draws its own noise), whose effect λ keeps negligible
-OPTIONS = ["--lr", "3e-3", "--batch-size", "8", "--epochs", "3", "--warmup-steps", "2", "--cls-drop-out", "0",
+OPTIONS = ["--lr", "3e-3", "--batch-size", "8", "--epochs", "4", "--warmup-steps", "2", "--cls-drop-out", "0",
            "--max-seq-len", "32", "--sift", "on", "--sift-lambda", "0.01"]
 ZERO2 = os.path.join(ROOT, "ds_configs", "finetune_cpu.json")
 ZERO3 = os.path.join(ROOT, "ds_configs", "finetune_cpu_zero3.json")
@@ -101,7 +101,7 @@ def test_two_ranks_train_like_one_process(ds, release, data, one_process, two_ra
     assert metrics["world_size"] == 2 and reference["world_size"] == 1
     assert result.stdout.count("| epoch | step | train_loss") == 1 and result.stdout.count("best: epoch") == 1
     # Same data, same weights: only the order of fp32 sums differs (gloo's all-reduce mean over 2 ranks vs
-    # 2 accumulated micro-batches), about 1e-8 relative in the losses after 24 Adam steps (measured). The
+    # 2 accumulated micro-batches), about 1e-8 relative in the losses after 24 Adam steps (measured with 3 epochs). The
     # adversarial loss also carries rank 1's own SiFT noise (measured: 4e-6 relative; λ=0.01 keeps it out of
     # training). Logits 1e-7 apart give the same argmax unless two classes tie to 1e-7, so the val metrics,
     # multiples of 1/32 here, are equal: anything above 1e-6 would be a different prediction.
@@ -109,7 +109,9 @@ def test_two_ranks_train_like_one_process(ds, release, data, one_process, two_ra
         assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-5)
         assert ours["adv_loss"] == pytest.approx(theirs["adv_loss"], rel=1e-4)
         assert ours["val"]["score"] == pytest.approx(theirs["val"]["score"], abs=1e-6), (ours, theirs)
-    assert metrics["best"]["score"] >= 0.9     # it learned the task (0.94 from epoch 2 on, measured)
+    # it learned the task (chance: about 1/3). Measured with length-grouped batches: 0.26, 0.62, 0.76, 0.87 over
+    # the 4 epochs; plain shuffling reached 0.94 in epoch 2 on this seed (64 examples, one seed: noise)
+    assert metrics["best"]["score"] >= 0.8
     assert sorted(os.listdir(out)) == ["best", "metrics.json"]   # written by rank 0, no leftovers
     best = str(out / "best")
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(best).eval()
@@ -120,7 +122,7 @@ def test_two_ranks_train_like_one_process(ds, release, data, one_process, two_ra
 
 
 def test_a_signal_checkpoints_and_the_run_again_continues_exactly(release, data, two_ranks_zero2, tmp_path):
-    """SIGUSR1 (on rank 0, after optimizer step 5 of 24: mid epoch 1; then after step 16: the end of epoch
+    """SIGUSR1 (on rank 0, after optimizer step 5 of 32: mid epoch 1; then after step 16: the end of epoch
     2, before its evaluation): each time both ranks save and exit 75, and the same command continues.
     The epochs' records and the best release equal an uninterrupted run's bitwise: the optimizer, the
     schedule, the data position and each rank's RNG (SiFT's noise) come back."""
@@ -133,7 +135,7 @@ def test_a_signal_checkpoints_and_the_run_again_continues_exactly(release, data,
         assert os.listdir(out / "checkpoints" / f"global_step{expected_step}")
     result, metrics = finetune(release, data, out, 2, ZERO2)
     assert "resumed from" in result.stdout and "optimizer step 16" in result.stdout
-    drop = lambda records: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in records]  # noqa: E731
+    drop = lambda records: [{k: v for k, v in r.items() if k not in ("elapsed_s", "train_s")} for r in records]  # noqa: E731
     assert drop(metrics["epochs"]) == drop(reference["epochs"])
     assert metrics["best"]["epoch"] == reference["best"]["epoch"]
     ours, theirs = (load_release(str(d / "best"), task="classification", num_labels=3).state_dict()

@@ -9,6 +9,7 @@ from model import DebertaForSequenceClassification, preset
 from pipeline.errors import ConfigError
 from pipeline.finetune import finetune
 from pipeline.finetune import tasks as sg
+from pipeline.finetune.batches import epoch_micro_batches
 from pipeline.finetune.config import FinetuneConfig, SiFTSettings, load_preset
 from pipeline.optim import param_groups, warmup_linear_decay
 from pipeline.release import save_release
@@ -63,11 +64,12 @@ def test_one_schedule_for_both_trainers_peaks_at_the_last_warmup_update_and_neve
 def test_every_rank_gets_the_same_number_of_micro_batches_covering_the_data():
     settings = FinetuneConfig(lr=1e-5, batch_size=8, micro_batch_size=2, seed=3, epochs=1, warmup_steps=0,
                               cls_drop_out=0.0, max_seq_len=64)
-    per_rank = [finetune.epoch_micro_batches(21, settings, epoch=1, rank=r, world_size=2) for r in range(2)]
+    lengths = [5 + (7 * i) % 13 for i in range(21)]
+    per_rank = [epoch_micro_batches(lengths, settings, epoch=1, rank=r, world_size=2)[:2] for r in range(2)]
     assert per_rank[0][1] == 3 and len(per_rank[0][0]) == len(per_rank[1][0]) == 6
     seen = [i for batches, _ in per_rank for batch in batches for i in batch]
     assert set(seen) == set(range(21)) and len(seen) == 24     # padded to whole global batches
-    other_epoch = finetune.epoch_micro_batches(21, settings, epoch=2, rank=0, world_size=2)[0]
+    other_epoch = epoch_micro_batches(lengths, settings, epoch=2, rank=0, world_size=2)[0]
     assert other_epoch != per_rank[0][0]
 
 

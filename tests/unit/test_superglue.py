@@ -20,10 +20,10 @@ EIGHT_TASKS = ("BoolQ", "CB", "COPA", "MultiRC", "ReCoRD", "RTE", "WiC", "WSC")
 
 
 class FakeTokenizer:
-    """The project's tokenizer interface (encode / build_inputs, pad 0 cls 1 sep 2): whitespace words
-    hashed to ids >= 4, so the tests do not depend on pipeline/tokenizer.py or a sentencepiece model."""
+    """The project's tokenizer interface (encode / build_inputs, pad 0 cls 1 sep 2, mask_id): whitespace
+    words hashed to ids 4..1003, so the tests do not depend on pipeline/tokenizer.py or a sentencepiece model."""
 
-    pad_id, cls_id, sep_id = 0, 1, 2
+    pad_id, cls_id, sep_id, mask_id = 0, 1, 2, 1004
 
     def encode(self, text):
         return [4 + zlib.crc32(word.encode()) % 1000 for word in text.split()]
@@ -51,8 +51,9 @@ def perfect_logits(task, examples, features):
     """Logits that make every prediction right (one-hot on the gold label / gold candidate)."""
     if task.kind == "multiple_choice":
         return np.eye(len(features[0]["choices"]))[[f["label"] for f in features]]
-    return np.eye(2 if task.kind in ("grouped_binary", "candidate_ranking") else task.num_labels)[
-        [f["label"] for f in features]]
+    if task.kind == "entity_scoring":                  # one logit per candidate a window holds
+        return [np.array(f["entity_labels"]) for f in features]
+    return np.eye(2 if task.kind == "grouped_binary" else task.num_labels)[[f["label"] for f in features]]
 
 
 # --- registry and label spaces ----------------------------------------------------------------------
@@ -61,7 +62,7 @@ def test_registry_has_every_task_with_its_kind():
     kinds = {name: sg.get_task(name).kind for name in sg.TASKS}
     assert kinds == {
         "BoolQ": "classification", "CB": "classification", "COPA": "multiple_choice",
-        "MultiRC": "grouped_binary", "ReCoRD": "candidate_ranking", "RTE": "classification",
+        "MultiRC": "grouped_binary", "ReCoRD": "entity_scoring", "RTE": "classification",
         "WiC": "classification", "WSC": "classification", "AX-b": "classification",
         "AX-g": "classification", "MNLI": "classification"}
     assert sg.get_task("axb").name == "AX-b" and sg.get_task("cb").name == "CB"
@@ -159,10 +160,13 @@ def test_record_candidates_answers_and_placeholder():
     assert first.candidates == ("Paris Agreement", "United States", "China", "Barack Obama", "U.S.", "Obama")
     assert first.answers == ("United States", "U.S.")
     assert (first.key, second.key, third.key) == (0, 1, 2)
-    passage, query = first.inputs[1]
-    assert query == "United States signed the agreement with China"
-    # @highlight lines become sentences
+    (passage, query), = first.inputs
+    assert query == "@placeholder signed the agreement with China"
+    # @highlight lines become sentences, and the mentions' spans move with the text
     assert passage.endswith("role. Obama hails the deal. China joins the pact")
+    assert [(first.candidates[c], passage[start:end]) for c, start, end in first.mentions if c in (2, 5)] == [
+        ("China", "China"), ("Obama", "Obama"), ("Obama", "Obama"), ("China", "China")]
+    assert all(passage[start:end] == first.candidates[c] for c, start, end in first.mentions)
     assert load("ReCoRD", "test")[0].answers == ()
 
 
@@ -310,17 +314,22 @@ def test_collate_pads_to_the_longest_and_masks_padding():
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
 
 
-def test_record_features_are_one_row_per_candidate():
+def test_record_encodes_each_query_once_with_its_candidates():
     task = sg.get_task("ReCoRD")
     examples = load("ReCoRD")
     features = task.build_features(examples, TOK, max_seq_len=64)
-    first_query = [f for f in features if f["group"] == 0]
-    assert len(first_query) == 6 and [f["candidate_index"] for f in first_query] == list(range(6))
+    assert [f["example_index"] for f in features] == [0, 1, 2]          # one sequence per query
+    first = features[0]
+    assert [c for c, _ in first["entities"]] == list(range(6))
     # candidates "United States" and "U.S." are gold answers
-    assert [f["label"] for f in first_query] == [0, 1, 0, 0, 1, 0]
-    assert len(features) == 6 + 6 + 5
+    assert first["entity_labels"] == [0, 1, 0, 0, 1, 0]
+    # the query follows the passage, with [MASK] for @placeholder; each candidate points at its mentions
+    ids = first["input_ids"]
+    assert ids[ids.index(TOK.sep_id) + 1] == TOK.mask_id
+    china = dict(first["entities"])[2]
+    assert len(china) == 2 and {ids[p] for p in china} == set(TOK.encode("China"))
     test_features = task.build_features(load("ReCoRD", "test"), TOK, 64)
-    assert {f["label"] for f in test_features} == {sg.IGNORE_LABEL}
+    assert {label for f in test_features for label in f["entity_labels"]} == {sg.IGNORE_LABEL}
 
 
 # --- decoding, scoring --------------------------------------------------------------------------------
@@ -401,17 +410,12 @@ def test_record_decode_takes_the_best_candidate_per_query():
     task = sg.get_task("ReCoRD")
     examples = load("ReCoRD")
     features = task.build_features(examples, TOK, 64)
-    scores_by_row = np.zeros(len(features))
     # query 0: best "U.S." (alias of the gold); query 1: best "Obama"; query 2: best "Madrid" (wrong)
     best = {0: "U.S.", 1: "Obama", 2: "Madrid"}
-    for row, feature in enumerate(features):
-        candidate = examples[feature["example_index"]].candidates[feature["candidate_index"]]
-        scores_by_row[row] = 5.0 if candidate == best[feature["group"]] else 1.0
-    logits = np.stack([np.zeros_like(scores_by_row), scores_by_row], axis=1)      # 2-way head
+    logits = [np.array([5.0 if examples[f["example_index"]].candidates[c] == best[f["example_index"]] else 1.0
+                        for c, _ in f["entities"]]) for f in features]
     predictions = task.decode(examples, features, logits)
     assert predictions == {0: "U.S.", 1: "Obama", 2: "Madrid"}
-    # a 1-output head gives the same answer
-    assert task.decode(examples, features, scores_by_row[:, None]) == predictions
     # EM: 1, 1, 0 -> 2/3. F1: 1, 1, "Madrid" vs "Real Madrid" = 2·1·0.5/1.5 = 2/3 -> (8/3)/3 = 8/9
     scores = task.score(examples, predictions)
     assert scores["em"] == pytest.approx(2 / 3) and scores["f1"] == pytest.approx(8 / 9)
@@ -493,9 +497,8 @@ def test_end_to_end_test_split_to_submission(tmp_path):
     task = sg.get_task("ReCoRD")
     examples = task.load("test", FIXTURES)
     features = task.build_features(examples, TOK, 64)
-    batch = collate(features)
-    logits = torch.zeros(batch["input_ids"].shape[0], 2)
-    logits[2, 1] = 1.0                                          # third candidate: "Barcelona"
+    logits = collate(features)["entity_tokens"].new_zeros(len(features), len(features[0]["entities"])).float()
+    logits[0, 2] = 1.0                                          # third candidate: "Barcelona"
     write_submission(task, task.decode(examples, features, logits), str(tmp_path))
     assert read_lines(str(tmp_path / "ReCoRD.jsonl")) == [{"idx": 0, "label": "Barcelona"}]
 
