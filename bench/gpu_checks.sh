@@ -12,6 +12,8 @@
 #  5. fp16 with DeepSpeed's dynamic loss scaling (the CPU accelerator has no fp16)
 #  6. the 1.5B step by ZeRO stage on one GPU: no DeepSpeed, ZeRO-2, ZeRO-3, ZeRO-3 with leaf layers
 #     (bench/zero_overhead.py, micro-batch 8, activation checkpointing as in part 4)
+#  7. fine-tuning the 1.5B: `deberta-ds finetune` against transformers.Trainer, ZeRO-2 bf16, and ReCoRD's cost
+#     (bench/finetune_gpu.sh; not in the default PARTS: about 15 minutes, an estimate, never run yet)
 # Data for 4-5: shards of the demo corpus in $GPU_DATA (512- and 128-token). ATTENTION_IMPL (part 3): auto,
 # math, eager, sdpa (the default) or fused ("reference", the eager path's old name, is taken as eager).
 # DeepSpeed, pytest (part 0 imports tests/unit/test_fused_attention.py) and what they need beyond the
@@ -81,5 +83,9 @@ if part 6; then
     echo "== 6. the 1.5B step by ZeRO stage, bf16, 1 GPU, micro-batch 8"
     timeout 300 python3 bench/zero_overhead.py --device cuda --hidden 0 --batch 8 --seq 512 \
         --variants bare,z2,z3,z3_leaf --warmup 2 --steps 3 2>&1 | tail -8 | tee "$OUT/zero_overhead.txt"
+fi
+if part 7; then
+    echo "== 7. fine-tuning the 1.5B against transformers.Trainer (bench/finetune_gpu.sh)"
+    OUT="$OUT" bash bench/finetune_gpu.sh
 fi
 ls -la "$OUT"

@@ -5,7 +5,7 @@ how one line of the official data becomes `Example`s, the text segments the mode
 become token-id features, how logits become predictions, how predictions are scored (metrics.py)
 and how they are written as leaderboard submission files.
 
-One file for the eleven tasks (about 550 lines): the registry at the end is a table whose entries name
+One file for the eleven tasks (about 600 lines): the registry at the end is a table whose entries name
 the parsers, metrics and record converters above it; each task reads as one row plus the functions it
 names, which splitting the file by kind of function would scatter.
 
