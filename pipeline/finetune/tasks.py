@@ -34,6 +34,7 @@ Typical use:
     scores = task.score(examples, predictions)                # {"f1": .., "accuracy": .., "score": ..}
     features.write_submission(task, predictions, out_dir)     # out_dir/CB.jsonl
 """
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -275,29 +276,25 @@ def _parse_multirc(task, record, where):
 HIGHLIGHT = re.compile(r"(\n)?@highlight\n")
 
 
+@functools.lru_cache(maxsize=16)      # a passage's queries come one after another: clean it once
 def _clean_record_passage(text):
     """CNN/Daily Mail passages end with "@highlight\n<summary line>" blocks; make them sentences.
 
     Returns the cleaned text and, for each character position of `text` (and its end), the position in
     the cleaned text, so that the entity spans, given on the raw text, can be carried over."""
-    pieces, where, kept, cleaned_length = [], [0] * (len(text) + 1), 0, 0
+    pieces, where, kept = [], [0] * (len(text) + 1), 0
     for marker in HIGHLIGHT.finditer(text):
-        start = marker.start()
-        for i in range(kept, start):
-            where[i] = cleaned_length + i - kept
-        pieces.append(text[kept:start])
-        cleaned_length += start - kept
+        start, end = marker.span()
+        cleaned_length = sum(map(len, pieces))
+        where[kept:start] = range(cleaned_length, cleaned_length + start - kept)
+        where[start:end] = [cleaned_length + start - kept] * (end - start)
         previous = text[start - 1] if start else ""
         joint = "" if marker.group(1) is None else " " if previous in ".?!\"'" else ". "
-        for i in range(start, marker.end()):
-            where[i] = cleaned_length
-        pieces.append(joint)
-        cleaned_length += len(joint)
-        kept = marker.end()
-    for i in range(kept, len(text) + 1):
-        where[i] = cleaned_length + i - kept
-    pieces.append(text[kept:])
-    return "".join(pieces), where
+        pieces += [text[kept:start], joint]
+        kept = end
+    cleaned_length = sum(map(len, pieces))
+    where[kept:] = range(cleaned_length, cleaned_length + len(text) + 1 - kept)
+    return "".join(pieces + [text[kept:]]), tuple(where)
 
 
 def _find_all(text, entity):
