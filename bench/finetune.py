@@ -22,7 +22,7 @@ DebertaV2ForSequenceClassification, like for like:
   - the same settings: global batch size, peak learning rate, warmup steps, epochs, max_seq_len, seed,
     classifier dropout; weight decay, Adam's betas and epsilon and gradient clipping are our task preset's
     (pipeline/finetune/presets/superglue.json), given to the Trainer as its arguments. Differences left: the
-    Trainer's schedule rises as s/warmup where ours rises as (s+1)/warmup (pipeline/optim.py); the two
+    Trainer's schedule rises as s/warmup where ours rises as (s+1)/warmup (pipeline/run/optim.py); the two
     shuffle with different generators; ours completes its last global batch by wrapping around to the
     start of the epoch, the Trainer's last batch is short.
 Variants: ours (our default batching, grouped by length), ours_sift (--sift on), the Trainer with

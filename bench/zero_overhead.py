@@ -11,7 +11,7 @@ longer than the kernels it launches. This benchmark measures the whole step of e
   z3_leaf  ZeRO-3 with the encoder layers gathered whole, as DeepSpeed leaf modules (the default;
            pipeline/train/zero3.py, leaf_layers)
 
-Engines are built by pipeline.train.engine.build_stepper (a Zero3Stepper, pipeline/train/zero3.py) and
+Engines are built by pipeline.train.modes.build_stepper (a Zero3Stepper, pipeline/train/zero3.py) and
 stepped by its train_step, as `deberta-ds pretrain` does, from the settings of configs/pretrain_xxlarge.json
 (EMD, activation checkpointing) and the ZeRO settings of --deepspeed (default: the shipped zero3_bf16,
 ds_configs/zero3_bf16.json); only the stage and the leaf setting change between variants. Each variant
@@ -83,7 +83,7 @@ def run_config(args, variant):
 
 
 def ds_config(args, run, variant):
-    from pipeline.ds_config import load_ds_config
+    from pipeline.run.ds_config import load_ds_config
     from pipeline.train.preflight import complete_for_run
     ds, path = load_ds_config(args.deepspeed, args.ds)
     ds["bf16"] = {"enabled": args.dtype == "bf16"}
@@ -102,7 +102,7 @@ def batch_of(config, args, device):
 def bare_step(args, run, device):
     import torch
     from model import DebertaForMaskedLM
-    from pipeline.optim import build_optimizer
+    from pipeline.run.optim import build_optimizer
     from pipeline.train.zero3 import torch_checkpoint
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.manual_seed(0)
@@ -124,7 +124,7 @@ def bare_step(args, run, device):
 
 def engine_step(args, run, variant, device):
     import torch
-    from pipeline.train.engine import build_stepper
+    from pipeline.train.modes import build_stepper
     torch.manual_seed(0)
     stepper = build_stepper(run, ds_config(args, run, variant), run.model_config(), 0)
     # one optimizer step = gradient_accumulation_steps micro-batches (1 here: micro-batch = global batch)

@@ -12,7 +12,7 @@ Accepted from a release besides ours:
     must equal the word embeddings: the reader checks it)
   * v3 releases' replaced-token-detection head `mask_predictions.*`, which the v2 models do not load
 
-Pipeline mode (pipeline/train/pipeline_parallel.py) holds the model as a sequence of layers, saved one file
+Pipeline mode (pipeline/train/pipe.py) holds the model as a sequence of layers, saved one file
 per layer (`layer_XX-model_states.pt`):
   0       the word embeddings (tied to the decoder, also layer L+2)
   1       the rest of the embeddings, and the relative table with its LayerNorm (rel_embeddings, rel_LayerNorm)

@@ -115,6 +115,13 @@ class Tokenizer:
     def __len__(self):
         return self.vocab_size
 
+    def check_fits(self, model_vocab_size, what, fix):
+        """Refuse a model whose embedding table has fewer rows than this tokenizer has ids (both trainers)."""
+        if model_vocab_size < self.vocab_size:
+            from pipeline.errors import ConfigError
+            raise ConfigError(f"{what} {model_vocab_size} is smaller than the tokenizer's {self.vocab_size} ids "
+                              f"({self.spm_path}: spm pieces + [MASK]); {fix}")
+
     def encode(self, text):
         """Token ids of one text, without [CLS]/[SEP]."""
         return self.encode_batch([text])[0]

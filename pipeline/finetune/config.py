@@ -1,7 +1,9 @@
-"""Fine-tuning settings as a typed config: the task's preset (presets/superglue.json), then
-`--preset-overrides FILE.json`, then `--set key=value` (dotted keys reach into "sift"), then the named
-options (--lr, --batch-size, ...): the last one wins. Every key is known and every value of its type, or the
-run is refused before anything starts, naming the setting (and the closest known key).
+"""A fine-tuning run as typed data: `FinetuneRun` (the task, where the run starts, its data, output and
+DeepSpeed config) holding `FinetuneConfig` (the training settings). The settings come from the task's preset
+(presets/superglue.json), then `--preset-overrides FILE.json`, then `--set key=value` (dotted keys reach into
+"sift"), then the named options of NAMED_OPTIONS (--lr, --batch-size, ...): the last one wins. Every key is
+known and every value of its type, or the run is refused before anything starts, naming the setting (and the
+closest known key). The command line stops at `FinetuneRun.from_args`: the trainer reads the run only.
 """
 import dataclasses
 import json
@@ -95,6 +97,74 @@ class FinetuneConfig:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+@dataclass
+class FinetuneRun:
+    """The whole run: what `deberta-ds finetune` was asked to do, with its resolved settings."""
+    task: str
+    settings: FinetuneConfig
+    output_dir: str
+    release: Optional[str] = None          # start from a release directory ...
+    init_from_mnli: Optional[str] = None   # ... or from an MNLI-fine-tuned one (its classifier rows)
+    data_dir: Optional[str] = None         # official SuperGLUE layout; None: `datasets`
+    deepspeed: Optional[str] = None        # a DeepSpeed config file or shipped name; None: by device
+    tokenizer: Optional[str] = None        # None: spm.model in the start directory
+    save_dtype: str = "float32"            # dtype of the weights in OUT/best
+    overwrite: bool = False                # replace a finished run of other settings in output_dir
+
+    @property
+    def start(self):
+        return self.release or self.init_from_mnli
+
+    @classmethod
+    def from_args(cls, args, task):
+        named = {key: getattr(args, dest) for _, dest, key, _ in NAMED_OPTIONS}
+        named["sift.mode"] = args.sift
+        settings = resolve(task.name, args.preset_overrides, args.set, named)
+        return cls(task=task.name, settings=settings, output_dir=args.output_dir, release=args.release,
+                   init_from_mnli=args.init_from_mnli, data_dir=args.data_dir, deepspeed=args.deepspeed,
+                   tokenizer=args.tokenizer, save_dtype=args.save_dtype, overwrite=args.overwrite)
+
+
+def _options():
+    from pipeline.cli_types import at_least, positive_float, positive_int
+    return [  # (flag, argparse dest, settings key, argparse keywords)
+        ("--lr", "lr", "lr", dict(type=positive_float, help="peak learning rate (preset: lr)")),
+        ("--batch-size", "batch_size", "batch_size",
+         dict(type=positive_int, help="global batch size, all ranks together (preset: batch_size)")),
+        ("--micro-batch-size", "micro_batch_size", "micro_batch_size",
+         dict(type=positive_int, help="examples per rank per forward (default: batch size / ranks; the rest is "
+              "gradient accumulation)")),
+        ("--eval-batch-size", "eval_batch_size", "eval_batch_size",
+         dict(type=positive_int, help="examples per forward in evaluation (default: the micro-batch size)")),
+        ("--epochs", "epochs", "epochs", dict(type=positive_int, help="training epochs (preset: epochs)")),
+        ("--warmup-steps", "warmup_steps", "warmup_steps",
+         dict(type=at_least(0), help="optimizer steps of linear warmup (preset: warmup_steps)")),
+        ("--cls-drop-out", "cls_drop_out", "cls_drop_out",
+         dict(type=float, help="dropout before the classifier (preset: cls_drop_out)")),
+        ("--max-seq-len", "max_seq_len", "max_seq_len",
+         dict(type=at_least(4), help="tokens per sequence, [CLS] and [SEP] included (preset)")),
+        ("--seed", "seed", "seed", dict(type=int, help="random seed (default 42)")),
+        ("--attention-impl", "attention_impl", "attention_impl",
+         dict(choices=ATTENTION_IMPLS, help="attention implementation (default: the release's; model/attention.py)")),
+        ("--sift-lambda", "sift_lambda", "sift.vat_lambda",
+         dict(type=float, help="SiFT weight λ of the adversarial loss (preset: sift.vat_lambda)")),
+        ("--sift-init", "sift_init", "sift.vat_init_perturbation",
+         dict(type=float, help="SiFT σ of the initial perturbation (preset: sift.vat_init_perturbation)")),
+        ("--sift-step", "sift_step", "sift.vat_learning_rate",
+         dict(type=float, help="SiFT ascent step size η (preset: sift.vat_learning_rate)")),
+        ("--sift-loss-fn", "sift_loss_fn", "sift.vat_loss_fn",
+         dict(choices=ASCENT_LOSS_NAMES, help="loss of the SiFT ascent step (preset: sift.vat_loss_fn)")),
+    ]
+
+
+NAMED_OPTIONS = _options()
+
+
+def add_named_options(parser):
+    for flag, dest, _, keywords in NAMED_OPTIONS:
+        parser.add_argument(flag, dest=dest, **keywords)
 
 
 def load_preset(task_name, path=PRESETS_PATH):

@@ -8,6 +8,7 @@ import numpy as np
 
 from pipeline.finetune import metrics
 from pipeline.io import atomic_file
+from pipeline.errors import ConfigError, DataError
 
 # Label index for positions/rows without a gold label (test split); cross-entropy ignores it.
 IGNORE_LABEL = -100
@@ -46,7 +47,7 @@ class _SequenceEncoder:
         self.specials_single = len(tokenizer.build_inputs([]))
         self.specials_pair = len(tokenizer.build_inputs([], []))
         if max_seq_len <= self.specials_pair:
-            raise ValueError(f"max_seq_len {max_seq_len} leaves no room for text")
+            raise ConfigError(f"max_seq_len {max_seq_len} leaves no room for text")
 
     def __call__(self, text_a, text_b=None):
         ids_a = list(self.encode_text(text_a))
@@ -136,7 +137,7 @@ def entity_features(examples, tokenizer, max_seq_len):
     candidate is scored somewhere, and no gold answer is lost to the length limit."""
     room = max_seq_len - 3                                   # [CLS] window [SEP] query [SEP]
     if room < 2:
-        raise ValueError(f"max_seq_len {max_seq_len} leaves no room for a passage and a query")
+        raise ConfigError(f"max_seq_len {max_seq_len} leaves no room for a passage and a query")
     by_passage = functools.lru_cache(maxsize=64)(lambda text, mentions: passage_tokens(tokenizer, text, mentions))
     features = []
     for index, example in enumerate(examples):
@@ -175,7 +176,7 @@ def collate(features, pad_id=0):
     if "choices" in features[0]:
         choice_counts = {len(f["choices"]) for f in features}
         if len(choice_counts) != 1:
-            raise ValueError(f"multiple-choice batch mixes choice counts {sorted(choice_counts)}")
+            raise DataError(f"multiple-choice batch mixes choice counts {sorted(choice_counts)}")
         sequences = [ids for f in features for ids in f["choices"]]
     else:
         sequences = [f["input_ids"] for f in features]
@@ -226,7 +227,7 @@ def decode(task, examples, features, logits):
     ReCoRD the text of the best-scoring candidate entity of each query.
     """
     if len(logits) != len(features):
-        raise ValueError(f"{len(logits)} rows of logits for {len(features)} features")
+        raise DataError(f"{len(logits)} rows of logits for {len(features)} features")
     if task.kind == "entity_scoring":
         return best_entities(examples, features, logits)
     best = _as_array(logits).argmax(axis=-1)
@@ -268,9 +269,9 @@ def write_submission(task, predictions, out_dir):
     Written to a temporary file in out_dir and renamed, so a crash never leaves half a file behind.
     """
     if not task.submitted:
-        raise ValueError(f"{task.name} is the intermediate task; the SuperGLUE server takes no {task.name} file")
+        raise ConfigError(f"{task.name} is the intermediate task; the SuperGLUE server takes no {task.name} file")
     if not predictions:
-        raise ValueError(f"{task.name}: no predictions to write")
+        raise DataError(f"{task.name}: no predictions to write")
     path = os.path.join(out_dir, f"{task.name}.jsonl")
     with atomic_file(path) as out:
         for record in task.submission_records(task, predictions):

@@ -17,6 +17,7 @@ allennlp do.
 import re
 import string
 from collections import Counter, defaultdict
+from pipeline.errors import DataError
 
 # The 8 tasks of the SuperGLUE score, in the leaderboard's column order.
 SUPERGLUE_TASKS = ("BoolQ", "CB", "COPA", "MultiRC", "ReCoRD", "RTE", "WiC", "WSC")
@@ -24,9 +25,9 @@ SUPERGLUE_TASKS = ("BoolQ", "CB", "COPA", "MultiRC", "ReCoRD", "RTE", "WiC", "WS
 
 def _check_lengths(golds, preds):
     if len(golds) != len(preds):
-        raise ValueError(f"{len(golds)} gold labels but {len(preds)} predictions")
+        raise DataError(f"{len(golds)} gold labels but {len(preds)} predictions")
     if not golds:
-        raise ValueError("no examples to score")
+        raise DataError("no examples to score")
 
 
 def _ratio(numerator, denominator):
@@ -76,7 +77,7 @@ def multirc_scores(golds, preds, question_ids):
     """MultiRC: `golds`/`preds` are 0/1 per answer option; `question_ids` says which question each belongs to."""
     _check_lengths(golds, preds)
     if len(question_ids) != len(golds):
-        raise ValueError(f"{len(question_ids)} question ids for {len(golds)} answer options")
+        raise DataError(f"{len(question_ids)} question ids for {len(golds)} answer options")
     all_right = defaultdict(lambda: True)
     for gold, pred, question in zip(golds, preds, question_ids):
         all_right[question] = all_right[question] and gold == pred
@@ -119,7 +120,7 @@ def record_scores(predictions, gold_answer_lists):
     f1_total = em_total = 0.0
     for prediction, golds in zip(predictions, gold_answer_lists):
         if not golds:
-            raise ValueError("a ReCoRD query has no gold answers (test split?)")
+            raise DataError("a ReCoRD query has no gold answers (test split?)")
         f1_total += max(token_f1(prediction, gold) for gold in golds)
         em_total += max(exact_match(prediction, gold) for gold in golds)
     count = len(predictions)
@@ -129,9 +130,9 @@ def record_scores(predictions, gold_answer_lists):
 def gender_parity(preds, pair_ids):
     """AX-g: fraction of minimal pairs (examples sharing a pair id) whose predictions are all the same."""
     if len(preds) != len(pair_ids):
-        raise ValueError(f"{len(pair_ids)} pair ids for {len(preds)} predictions")
+        raise DataError(f"{len(pair_ids)} pair ids for {len(preds)} predictions")
     if not preds:
-        raise ValueError("no examples to score")
+        raise DataError("no examples to score")
     predictions_by_pair = defaultdict(set)
     for pred, pair in zip(preds, pair_ids):
         predictions_by_pair[pair].add(pred)
@@ -149,5 +150,5 @@ def superglue_score(task_scores):
     """The SuperGLUE score: the unweighted mean of the 8 task scores (`task_scores`: task name -> score)."""
     missing = [name for name in SUPERGLUE_TASKS if name not in task_scores]
     if missing:
-        raise ValueError(f"the SuperGLUE score needs all 8 tasks; missing {', '.join(missing)}")
+        raise DataError(f"the SuperGLUE score needs all 8 tasks; missing {', '.join(missing)}")
     return sum(task_scores[name] for name in SUPERGLUE_TASKS) / len(SUPERGLUE_TASKS)

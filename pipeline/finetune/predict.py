@@ -70,7 +70,7 @@ def predict(args):
 
     from pipeline.data.tokenizer import Tokenizer
     from pipeline.finetune.features import write_submission
-    from pipeline.finetune.finetune import head_task
+    from pipeline.finetune.start import head_task
     from pipeline.finetune.inference import predict_logits
     from pipeline.finetune.tasks import get_task
     from pipeline.release import load_release

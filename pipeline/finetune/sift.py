@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from model import Output
+from pipeline.errors import ConfigError
 
 PERTURBED_MODULE = "embeddings.LayerNorm"   # spec: every module whose name contains this
 NORM_EPS = 1e-7
@@ -91,7 +92,7 @@ class _PerturbationHook:
 def _perturbed_modules(model):
     found = [(name, m) for name, m in model.named_modules() if PERTURBED_MODULE in name]
     if not found:
-        raise ValueError(f"SiFT: the model has no module named like '*{PERTURBED_MODULE}'")
+        raise ConfigError(f"SiFT: the model has no module named like '*{PERTURBED_MODULE}'")
     return found
 
 
@@ -106,9 +107,9 @@ class SiFT:
 
     def __init__(self, model, lambda_=5.0, init=1e-2, step=1e-4, ascent_loss="symmetric-kl"):
         if ascent_loss not in ASCENT_LOSSES:
-            raise ValueError(f"SiFT ascent loss {ascent_loss!r} is not one of {sorted(ASCENT_LOSSES)}")
+            raise ConfigError(f"SiFT ascent loss {ascent_loss!r} is not one of {sorted(ASCENT_LOSSES)}")
         if lambda_ < 0 or init < 0 or step < 0:
-            raise ValueError(f"SiFT: lambda, init and step must be >= 0 (got {lambda_}, {init}, {step})")
+            raise ConfigError(f"SiFT: lambda, init and step must be >= 0 (got {lambda_}, {init}, {step})")
         self.model = model
         self.lambda_ = float(lambda_)
         self.init = float(init)

@@ -384,10 +384,10 @@ def _multirc_records(task, predictions):
 def _golds_and_preds(task, examples, predictions):
     missing = [ex.key for ex in examples if ex.key not in predictions]
     if missing:
-        raise ValueError(f"{task.name}: no prediction for {len(missing)} examples, e.g. idx {missing[0]!r}")
+        raise DataError(f"{task.name}: no prediction for {len(missing)} examples, e.g. idx {missing[0]!r}")
     without_gold = [ex.key for ex in examples if not ex.has_gold(task.kind)]
     if without_gold:
-        raise ValueError(f"{task.name}: example idx {without_gold[0]!r} has no gold label (test split?)")
+        raise DataError(f"{task.name}: example idx {without_gold[0]!r} has no gold label (test split?)")
     return [ex.label for ex in examples], [predictions[ex.key] for ex in examples]
 
 

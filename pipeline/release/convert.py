@@ -3,7 +3,7 @@
     deberta-ds convert to-release --checkpoint RUN/checkpoints --output DIR [--tag global_stepN]
         [--dtype fp32|bf16|fp16] [--max-shard-size 5GB] [--tokenizer spm.model] [--verify]
 
-It reads the fp32 master weights wherever DeepSpeed keeps them (pipeline/release/checkpoints.py) and
+It reads the fp32 master weights wherever DeepSpeed keeps them (pipeline/release/master_weights.py) and
 writes them with the release writer (pipeline/release/write.py). A checkpoint of an rtd run (DeBERTa-v3)
 gives the published v3 layout (pipeline/release/rtd.py): the discriminator as a deberta-v2 model that
 AutoModel loads, its generator beside it in pytorch_model.generator.bin with generator_config.json.
@@ -128,12 +128,12 @@ def to_release(args):
 
     from model.config import DebertaConfig
     from pipeline.io import staged_directory
-    from pipeline.release import checkpoints
+    from pipeline.release import master_weights
     from pipeline.release.write import check_output, mlm_layout, parse_size, write_config, write_tensors, write_tokenizer_files
     out = os.path.abspath(args.output)
     max_shard = parse_size(args.max_shard_size)
     check_output(out, args.overwrite)
-    tag_dir, meta, kind = checkpoints.resolve_tag(args.checkpoint, args.tag)
+    tag_dir, meta, kind = master_weights.resolve_tag(args.checkpoint, args.tag)
     config = DebertaConfig.from_dict(meta["model_config"])
     emd = bool((meta.get("run_config") or {}).get("emd", True))
     spm = find_tokenizer(meta, args.tokenizer)
@@ -146,11 +146,11 @@ def to_release(args):
     else:
         layout = mlm_layout(config, emd)
     if kind == "universal":
-        tensors = checkpoints.universal_tensors(tag_dir, config, meta["mode"], dict(layout))
+        tensors = master_weights.universal_tensors(tag_dir, config, meta["mode"], dict(layout))
     elif kind == "pipeline":
-        tensors = checkpoints.pipeline_tensors(tag_dir, config, args.source)
+        tensors = master_weights.pipeline_tensors(tag_dir, config, args.source)
     else:
-        tensors = checkpoints.zero_tensors(tag_dir)
+        tensors = master_weights.zero_tensors(tag_dir)
     started = time.time()
     print(f"convert: {tag_dir} ({kind}, mode {meta['mode']}, step {meta.get('step')}) -> {out} ({args.dtype})",
           file=sys.stderr)

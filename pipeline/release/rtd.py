@@ -22,8 +22,7 @@ from model import DebertaConfig
 from model import state_dict_adapter as keys
 from model.rtd import DebertaForRTD, RTDModel
 from pipeline.errors import ReleaseError
-from pipeline.io import atomic_json
-from pipeline.lifecycle import raise_where_read
+from pipeline.run.lifecycle import raise_where_read
 from pipeline.release.read import Release
 from pipeline.release.write import StreamingSafetensors, write_config
 
@@ -74,7 +73,7 @@ def write_rtd_release(tensors, config, generator_config, sharing, emd, out_dir, 
         writer.close()
     torch.save(generator, os.path.join(out_dir, GENERATOR_FILE))
     write_config(out_dir, config, "base", dtype, extra={"pretraining": "rtd", "embedding_sharing": sharing})
-    atomic_json(os.path.join(out_dir, GENERATOR_CONFIG), dict(generator_config.to_dict(), torch_dtype=str(dtype)[6:]))
+    write_config(out_dir, generator_config, None, dtype, name=GENERATOR_CONFIG)
     return len(seen), writer.bytes
 
 

@@ -173,14 +173,15 @@ def write_tensors(out_dir, layout, tensors, dtype, max_shard_bytes, source):
     return count, writer.bytes, time.time() - start
 
 
-def write_config(out_dir, config, task, dtype, extra=None):
-    """config.json: transformers' keys of the DeBERTa config, the architecture of the task and the weights'
-    dtype, plus `extra` (num_labels, the fine-tuned task and its labels)."""
+def write_config(out_dir, config, task, dtype, extra=None, name="config.json"):
+    """config.json (or `name`): transformers' keys of the DeBERTa config, the architecture of the task (none for
+    task None) and the weights' dtype, plus `extra` (num_labels, the fine-tuned task and its labels)."""
     values = config.to_dict()
-    values["architectures"] = [ARCHITECTURES[task]]
+    if task is not None:
+        values["architectures"] = [ARCHITECTURES[task]]
     values["torch_dtype"] = str(dtype).replace("torch.", "")
     values.update(extra or {})
-    atomic_json(os.path.join(out_dir, "config.json"), dict(sorted(values.items())))
+    atomic_json(os.path.join(out_dir, name), dict(sorted(values.items())))
 
 
 def write_tokenizer_files(out_dir, spm_path):

@@ -48,7 +48,7 @@ class RunConfig:
     # batch (the paper: global batch 2k of 512-token sequences)
     global_batch_size: int = 2048
     micro_batch_size: int = 8
-    # optimizer: AdamW, no weight decay on biases and LayerNorm weights (pipeline/optim.py)
+    # optimizer: AdamW, no weight decay on biases and LayerNorm weights (pipeline/run/optim.py)
     lr: float = 1.5e-4
     warmup_steps: int = 10_000
     max_steps: int = 1_000_000

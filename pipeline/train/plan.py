@@ -20,7 +20,7 @@ These are estimates: measure with the run's memory_gb metric before committing a
 import json
 
 from pipeline.cli_types import positive_float, positive_int
-from pipeline.ds_config import load_ds_config, offloads_optimizer
+from pipeline.run.ds_config import load_ds_config, offloads_optimizer
 from pipeline.train.config import RunConfig
 
 GB = 1024 ** 3

@@ -6,11 +6,11 @@ in the batch shell, so that a bad job fails in seconds with one line before any 
 import json
 import os
 
-from pipeline.ds_config import batch_fields, complete_ds_config, load_ds_config, offloads_optimizer
+from pipeline.run.ds_config import batch_fields, complete_ds_config, load_ds_config, offloads_optimizer
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import make_dirs
 from pipeline.train.config import RunConfig
-from pipeline.train.engine import stepper_class
+from pipeline.train.modes import stepper_class
 
 
 def run_overrides(args):

@@ -13,12 +13,11 @@ SIGUSR1 it finishes the step, saves a checkpoint and exits with code 75 ("checkp
 Exit codes: 0 done, 1 bad input or config, 2 usage, 3 non-finite loss (fp32/bf16) or max_nonfinite_steps
 skipped steps in a row (fp16), 75 as above.
 """
-import math
 import os
-import sys
 
-from pipeline.lifecycle import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, StopFlag, any_rank, inject_fault, run_and_finish
 from pipeline.cli_types import positive_int
+from pipeline.run.lifecycle import run_and_finish
+from pipeline.train import resume
 
 
 def add_arguments(parser):
@@ -66,165 +65,95 @@ def run(args):
     return run_and_finish(train, run_config, ds, env, args.accept_data_change)
 
 
-def model_config_for(run, tokenizer):
-    from pipeline.errors import ConfigError
-    config = run.model_config()
-    if config.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model vocab_size {config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} "
-                          f"(spm pieces + [MASK]); set model_overrides.vocab_size={tokenizer.padded_vocab_size}")
-    return config
-
-
-def data_identity(run, tokenizer):
-    """What defines this run's data, as the checkpoint records it: the training shards' identity (tokenizer,
-    shard contents, samples, sequence length) and the validation shards' fingerprint."""
-    from pipeline.data.shards import ShardSet
-    identity = ShardSet(run.data_dir, tokenizer_fingerprint=tokenizer.fingerprint).identity()
-    identity["valid_shards_sha256"] = ShardSet(run.valid_data_dir).fingerprint if run.valid_data_dir else None
-    return identity
-
-
-def check_same_data(meta, now, source, accept_change):
-    """Refuse a resume on other data, naming both. True when the training shards changed and the change is
-    accepted (--accept-data-change): the loader then starts them from their first sample. Another validation
-    set alone is accepted the same way but leaves the training cursor where it is."""
-    from pipeline.errors import CheckpointError
-    trained_with = meta.get("tokenizer_sha256")  # every build's meta file has it at the top
-    if trained_with and trained_with != now["tokenizer_sha256"]:
-        raise CheckpointError(f"{source}: trained with tokenizer sha256 {trained_with[:16]}..., this run's "
-                              f"is {now['tokenizer_sha256'][:16]}...: the model's embeddings belong to the checkpoint's "
-                              "tokenizer. Use its shards (and spm.model), or start a new run (convert to a release, "
-                              "then init_from_release) to change tokenizers")
-    saved = meta.get("data")
-    if not saved:  # an older build recorded the tokenizer only
-        return False
-    training = [k for k in ("shards_sha256", "num_samples", "max_seq_len") if saved.get(k) != now.get(k)]
-    differs = list(training)
-    # the validation set only matters where both have one (evaluating or not leaves training as it is)
-    if saved.get("valid_shards_sha256") and now.get("valid_shards_sha256") and \
-            saved["valid_shards_sha256"] != now["valid_shards_sha256"]:
-        differs.append("valid_shards_sha256")
-    if differs and not accept_change:
-        detail = "; ".join(f"{k}: checkpoint {str(saved.get(k))[:16]} vs now {str(now.get(k))[:16]}" for k in differs)
-        raise CheckpointError(f"{source}: trained on other data than --data-dir/--valid-data-dir give ({detail}). Point "
-                              "them at the run's shards, or add --accept-data-change to continue on these ones "
-                              "deliberately (recorded in the checkpoint)")
-    return bool(training)
-
-
 def train(run, ds, env, accept_data_change=False):
-    import torch
-
+    """One pretraining run on the shared loop (pipeline/run/loop.py); returns the exit code."""
     from pipeline.data.mlm_loader import build_pretrain_loader
     from pipeline.data.tokenizer import Tokenizer
-    from pipeline.ds_config import precision, zero_stage
-    from pipeline.train import checkpoint
-    from pipeline.train.engine import build_stepper
+    from pipeline.run import loop
+    from pipeline.run.checkpointer import Checkpointer
+    from pipeline.run.ds_config import precision, zero_stage
+    from pipeline.run.lifecycle import lock_run_directory, say, seed_for_build, seed_for_steps
+    from pipeline.run.monitor import Monitor, guess_peak_tflops, run_flops_per_token
     from pipeline.train.evaluate import build_valid_loader, due, evaluate
-    from pipeline.train.monitor import Monitor, guess_peak_tflops, run_flops_per_token
-    from pipeline.io import make_dirs
-    from pipeline.lifecycle import lock_run_directory
+    from pipeline.train.modes import build_stepper
     from pipeline.train.preflight import dp_size_of
 
     rank, world = env.rank, env.world_size
     dp_size = dp_size_of(run, world)
     tokenizer = Tokenizer(run.tokenizer_path())
-    model_config = model_config_for(run, tokenizer)
-    ckpt_dir = os.path.join(run.output_dir, "checkpoints")
-    make_dirs(ckpt_dir, "checkpoint directory")
+    model_config = run.model_config()
+    tokenizer.check_fits(model_config.vocab_size, "model vocab_size",
+                         f"set model_overrides.vocab_size={tokenizer.padded_vocab_size}")
+    checkpointer = Checkpointer(os.path.join(run.output_dir, "checkpoints"), rank, run.save_interval, run.keep_last)
     lock_run_directory(run.output_dir, rank, "pretraining run")
-    data = data_identity(run, tokenizer)
+    data = resume.data_identity(run, tokenizer)
 
     # resume plan, decided before the engine exists (a universal load is an engine setting)
-    tag, meta = checkpoint.resume_point(ckpt_dir, rank)
-    universal, data_changed, history = False, False, []
+    tag, meta = checkpointer.resume_point()
+    universal, data_changed, history, changes, changed_before = False, False, [], {}, []
     if tag is not None:
-        source = os.path.join(ckpt_dir, tag)
-        checkpoint.check_compatible(meta, checkpoint.model_identity(run), source)
-        data_changed = check_same_data(meta, data, source, accept_data_change)
-        history = meta.get("data_history", [])
-        if meta["dp_size"] != dp_size or meta["pipeline_stages"] != run.pipeline_stages:
-            tag = checkpoint.ensure_universal(ckpt_dir, tag, rank)
+        source = os.path.join(checkpointer.dir, tag)
+        resume.check_compatible(meta, resume.model_identity(run), source)
+        data_changed = resume.check_same_data(meta, data, source, accept_data_change)
+        changes = resume.check_run_changes(meta, run, source)
+        history, changed_before = meta.get("data_history", []), meta.get("changes", [])
+        if meta["dp_size"] != dp_size or meta["pipeline_stages"] != run.pipeline_stages or \
+                resume.check_engine_changes(meta, zero_stage(ds), precision(ds), source):
+            tag = resume.ensure_universal(checkpointer.dir, tag, rank)
             ds.setdefault("checkpoint", {})["load_universal"] = True
             universal = True
-    torch.manual_seed(run.seed)
+    seed_for_build(run.seed)
     stepper = build_stepper(run, ds, model_config, rank)
-    torch.manual_seed(run.seed + 1 + rank)  # dropout differs per rank; restored from the checkpoint on resume
+    seed_for_steps(run.seed, rank)  # restored from the checkpoint on resume
     client_state = {}
     if tag is not None:
-        client_state = checkpoint.load(stepper, ckpt_dir, tag, rank, universal=universal) or {}
+        client_state = resume.load(checkpointer, stepper, tag, universal, changes)
     step = int(client_state.get("step", 0))
     saved_data = client_state.get("data", {})
     consumed, data_start = int(saved_data.get("consumed_samples", 0)), int(saved_data.get("start_step", 0))
     if data_changed:  # continued pretraining on other shards: their order from the beginning
         consumed, data_start = 0, step
         history = history + [dict(meta.get("data") or {}, until_step=step)]
-        if rank == 0:
-            print(f"data change accepted at step {step}: the run continues on {run.data_dir} from its first sample "
-                  "(recorded in the checkpoint)", file=sys.stderr)
+        say(rank, f"data change accepted at step {step}: the run continues on {run.data_dir} from its first sample "
+                  "(recorded in the checkpoint)")
+    if changes:
+        say(rank, f"resumed with changed settings at step {step}: " + ", ".join(
+            f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(changes.items())) + " (the schedule follows them from here; "
+            "recorded in the checkpoint)")
+        changed_before = changed_before + [{"step": step, **changes}]
     loader = build_pretrain_loader(run.data_dir, tokenizer, run.micro_batch_size, stepper.dp_rank, stepper.dp_size,
                                    run.seed, consumed_samples=consumed, masking=run.objective)
+    stepper.feed(loader)
     seq_len = loader.max_seq_len
     valid_loader = build_valid_loader(run, tokenizer, stepper.dp_rank, stepper.dp_size, seq_len)
-    if rank == 0:
-        where = f"resumed from {tag} at step {step}" if tag else "from scratch"
-        validation = (f", validation: {run.eval_steps * run.global_batch_size} of {len(valid_loader.data)} samples "
-                      f"every {run.eval_interval} steps" if valid_loader else "")
-        print(f"pretrain: mode {run.mode}, {world} ranks (dp {dp_size} x stages {run.pipeline_stages}), "
+    where = f"resumed from {tag} at step {step}" if tag else "from scratch"
+    validation = (f", validation: {run.eval_steps * run.global_batch_size} of {len(valid_loader.data)} samples "
+                  f"every {run.eval_interval} steps" if valid_loader else "")
+    say(rank, f"pretrain: mode {run.mode}, {world} ranks (dp {dp_size} x stages {run.pipeline_stages}), "
               f"{precision(ds)}, ZeRO {zero_stage(ds)}{stepper.describe()}, global batch "
-              f"{run.global_batch_size}, {len(loader.data)} samples, {where}{validation}", file=sys.stderr)
+              f"{run.global_batch_size}, {len(loader.data)} samples, {where}{validation}")
 
+    checkpointer.meta = {**resume.model_identity(run), "pipeline_stages": run.pipeline_stages, "dp_size": dp_size,
+                         "world_size": world, "zero_stage": zero_stage(ds), "precision": precision(ds),
+                         "run_config": run.to_dict(), "tokenizer_sha256": tokenizer.fingerprint, "data": data,
+                         "data_history": history, "changes": changed_before}
     peak = (run.peak_tflops or guess_peak_tflops() or 0) * 1e12 * world
     monitor = Monitor(run.output_dir, rank, step, run.max_steps, run.global_batch_size * seq_len,
                       run.global_batch_size, run_flops_per_token(run, seq_len) * run.global_batch_size * seq_len,
                       peak or None)
-    stop = StopFlag()
-    meta_out = {**checkpoint.model_identity(run), "pipeline_stages": run.pipeline_stages,
-                "dp_size": dp_size, "world_size": world, "run_config": run.to_dict(),
-                "tokenizer_sha256": tokenizer.fingerprint, "data": data, "data_history": history}
-    batches = stepper.batches(loader)
-    nonfinite_in_a_row = 0
-    code = EXIT_OK
-    while step < run.max_steps:
-        skipped_before = stepper.skipped_steps
-        result = stepper.train_step(batches)
-        loss = result["loss"]
-        step += 1
-        skipped = stepper.skipped_steps
-        # fp16: DeepSpeed skips a step whose loss or gradients overflowed (and lowers the loss scale)
-        if not math.isfinite(loss) or skipped > skipped_before:
-            nonfinite_in_a_row += 1
-        else:
-            nonfinite_in_a_row = 0
-        values = dict(result, lr=stepper.lr, grad_norm=stepper.grad_norm, loss_scale=stepper.loss_scale,
-                      skipped_steps=skipped)
-        monitor.step(step, values)
-        monitor.record_loss(step, loss)
-        if step % run.log_interval == 0 or step == run.max_steps:
-            monitor.log(step, values)
-        if nonfinite_in_a_row and (precision(ds) != "fp16" or nonfinite_in_a_row >= run.max_nonfinite_steps):
-            if rank == 0:
-                print(f"error: {nonfinite_in_a_row} non-finite or skipped step(s) in a row at step {step} "
-                      f"({precision(ds)}); stopping without saving. Resume from the last checkpoint with a lower "
-                      f"lr or bf16.", file=sys.stderr)
-            code = EXIT_NONFINITE
-            break
-        if valid_loader is not None and due(run, step):
-            monitor.record_eval(step, evaluate(stepper, valid_loader, run))
-        signalled = any_rank(stop.raised is not None, stepper.device)
-        if step % run.save_interval == 0 or step == run.max_steps or signalled:
-            state = {"data": {"consumed_samples": (step - data_start) * run.global_batch_size, "seed": run.seed,
-                              "start_step": data_start},
-                     "run_config": run.to_dict()}
-            saved = checkpoint.save(stepper, ckpt_dir, step, state, meta_out, run.keep_last, rank)
-            if rank == 0:
-                monitor.bar.write(f"saved checkpoint {saved}")
-        inject_fault(step, rank)
-        if signalled:
-            if rank == 0:
-                print(f"stopping on {stop.raised or 'a signal on another rank'} after step {step}: checkpoint saved; "
-                      f"exit {EXIT_REQUEUE} (run again to resume)", file=sys.stderr)
-            code = EXIT_REQUEUE
-            break
-    monitor.close()
-    return code
+
+    evaluation = loop.Hook(due=lambda at: valid_loader is not None and due(run, at),
+                           run=lambda at: monitor.record_eval(at, evaluate(stepper, valid_loader, run)))
+
+    def data_position(at):
+        return {"data": {"consumed_samples": (at - data_start) * run.global_batch_size, "seed": run.seed,
+                         "start_step": data_start},
+                "run_config": run.to_dict()}
+
+    settings = loop.LoopSettings(total_steps=run.max_steps, log_interval=run.log_interval, precision=precision(ds),
+                                 max_nonfinite_steps=run.max_nonfinite_steps)
+    try:
+        return loop.train(stepper, checkpointer, monitor, step, settings, hooks=[evaluation],
+                          client_state=data_position)
+    finally:
+        monitor.close()

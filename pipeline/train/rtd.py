@@ -19,9 +19,9 @@ import deepspeed
 import torch
 
 from model.rtd import RTDModel
-from pipeline.ds_config import zero_stage
-from pipeline.lifecycle import mean_over_ranks
-from pipeline.optim import param_groups
+from pipeline.run.ds_config import zero_stage
+from pipeline.run.lifecycle import reduce_mean
+from pipeline.run.optim import param_groups
 from pipeline.train.zero3 import Zero3Stepper, leaf_layers, prepare_for_engine
 
 LOGGED = ("loss", "mlm_loss", "mlm_accuracy", "rtd_loss", "rtd_accuracy", "replaced_rate", "generator_correct")
@@ -62,21 +62,20 @@ class RTDStepper(Zero3Stepper):
                 f"{self.run.embedding_sharing}" + (f" ({leaves} of {layers} encoder layers gathered whole)" if leaves else ""))
 
     def _sums(self, batches, micro_batches, train):
-        sums = dict.fromkeys(LOGGED, 0.0)
+        """The means of LOGGED over the micro-batches and ranks, as 0-d tensors on the device (no host read)."""
+        sums = torch.zeros(len(LOGGED), dtype=torch.float64, device=self.device)
         for _ in range(micro_batches):
             out = self.engine(**next(batches))
             if train:
                 self.engine.backward(out.loss)
                 self.engine.step()
-            for key in LOGGED:
-                sums[key] += float(out[key].detach())
-        means = mean_over_ranks([sums[k] / micro_batches for k in LOGGED], self.device)
-        return dict(zip(LOGGED, means))
+            sums += torch.stack([out[key].detach().to(torch.float64) for key in LOGGED])
+        return dict(zip(LOGGED, reduce_mean(sums / micro_batches)))
 
-    def train_step(self, batches):
+    def train_step(self):
         """`accumulation` micro-batches: the generator's MLM and the discriminator's RTD loss in one backward each.
         The values are means over the micro-batches and ranks."""
-        return self._sums(batches, self.accumulation, train=True)
+        return self._sums(self.train_batches, self.accumulation, train=True)
 
     def eval_loss(self, batches, steps):
         """The held-out losses. The generator's samples are drawn from each sample's own seed (the loader's), so
@@ -85,4 +84,4 @@ class RTDStepper(Zero3Stepper):
         with torch.no_grad():
             values = self._sums(batches, steps * self.accumulation, train=False)
         self.engine.train()
-        return {f"val_{key}": value for key, value in values.items()}
+        return {f"val_{key}": value.item() for key, value in values.items()}

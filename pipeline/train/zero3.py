@@ -12,12 +12,12 @@ import torch
 import torch.distributed as dist
 
 from model.heads import DebertaForMaskedLM
-from pipeline.ds_config import zero_stage
+from pipeline.run.ds_config import zero_stage
 from pipeline.errors import ReleaseError
-from pipeline.lifecycle import mean_over_ranks, raise_where_read
-from pipeline.optim import build_optimizer, lr_schedule
+from pipeline.run.lifecycle import raise_where_read, reduce_mean, reduce_sum
 from pipeline.release.read import Release
-from pipeline.train.stepper import Stepper
+from pipeline.run.optim import build_engine
+from pipeline.run.stepper import EngineStepper
 
 
 def torch_checkpoint(function, *args):
@@ -93,26 +93,33 @@ def load_release_into(model, path, stage, rank):
                 del source  # one release tensor in memory at a time
 
 
-class Zero3Stepper(Stepper):
+class Zero3Stepper(EngineStepper):
+    """Mode zero3: one DeepSpeedEngine over the whole model, any ZeRO stage. Pretraining's steppers read their
+    micro-batches from `train_batches` (set by `feed`)."""
     mode = "zero3"
+    train_batches = None
+
+    @staticmethod
+    def prepare_ds_config(run, ds, source):
+        """What this mode adds to or refuses in a completed DeepSpeed config (before DeepSpeed starts)."""
+        return ds
 
     def __init__(self, run, ds, model_config, rank):
         self.run, self.accumulation = run, ds["gradient_accumulation_steps"]
         self.module = self.build_module(run, ds, model_config, rank)
-        optimizer = build_optimizer(self.module, run.lr, run.adam_betas, run.adam_eps, run.weight_decay, run.optimizer,
-                                    groups=self.optimizer_groups(run))
-        scheduler = lr_schedule(optimizer, run.warmup_steps, run.max_steps)
-        self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    config=ds)
-        self.device = self.engine.device
+        self.engine = build_engine(self.module, ds, run.lr, run.adam_betas, run.adam_eps, run.weight_decay,
+                                   run.warmup_steps, run.max_steps, run.optimizer, groups=self.optimizer_groups(run))
         self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
+
+    def feed(self, loader):
+        self.train_batches = self.batches(loader)
 
     @staticmethod
     def build_module(run, ds, model_config, rank):
         return build_zero3_model(run, ds, model_config, rank)
 
     def optimizer_groups(self, run):
-        """The optimizer's parameter groups; None: the one rule of pipeline/optim.py over the whole module."""
+        """The optimizer's parameter groups; None: the one rule of pipeline/run/optim.py over the whole module."""
         return None
 
     def describe(self):
@@ -125,19 +132,21 @@ class Zero3Stepper(Stepper):
         for batch in loader:
             yield {k: v.to(self.device) for k, v in batch.items()}
 
-    def train_step(self, batches):
+    def train_step(self):
         """`accumulation` micro-batches, each forward, backward and (at the boundary) DeepSpeed's step. The loss
-        is the mean over the micro-batches and ranks; the MLM accuracy this rank's."""
-        losses, correct, predicted = [], 0, 0
+        is the mean over the micro-batches and ranks, the MLM accuracy over all ranks' masked tokens; both stay on
+        the device (0-d tensors), so the step never waits for the accelerator."""
+        losses, counts = [], torch.zeros(2, dtype=torch.float64, device=self.device)
         for _ in range(self.accumulation):
-            out = self.engine(**next(batches))
+            out = self.engine(**next(self.train_batches))
             self.engine.backward(out.loss)
             self.engine.step()
-            losses.append(out.loss.item())
-            correct += (out.logits.argmax(-1) == out.labels).sum().item()
-            predicted += out.labels.numel()
-        return {"loss": mean_over_ranks(sum(losses) / len(losses), self.device),
-                "mlm_accuracy": correct / max(predicted, 1)}
+            losses.append(out.loss.detach().to(torch.float64))
+            counts += torch.stack([(out.logits.argmax(-1) == out.labels).sum(), torch.tensor(out.labels.numel(),
+                                                                                            device=self.device)])
+        loss = reduce_mean(torch.stack(losses).sum() / len(losses))
+        correct, predicted = reduce_sum(counts)
+        return {"loss": loss, "mlm_accuracy": correct / predicted.clamp(min=1)}
 
     def eval_loss(self, batches, steps):
         # every rank runs the same number of forwards: under ZeRO-3 each one gathers parameters collectively

@@ -79,6 +79,49 @@ def test_finetune_with_sift_learns_the_task_and_keeps_the_best(finetuned):
     assert not [n for n in os.listdir(out) if n.startswith(".")]        # no temporary leftovers
 
 
+def test_finetune_writes_metrics_jsonl_and_tensorboard_like_pretraining(finetuned):
+    out, result = finetuned
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"), encoding="utf-8")]
+    steps = [r["step"] for r in records if set(r) == {"step", "loss"}]
+    assert steps == list(range(1, 33))                        # every step's loss: 4 epochs x 8 steps
+    evaluations = [r for r in records if "val_score" in r]
+    assert [r["epoch"] for r in evaluations] == [1, 2, 3, 4] and [r["step"] for r in evaluations] == [8, 16, 24, 32]
+    assert any("lr" in r and "grad_norm" in r for r in records)  # the log interval's line
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(out, "tensorboard")))
+
+
+def test_a_finished_run_is_not_replaced_by_one_of_other_settings(finetuned, tiny_release, cb_data):
+    out, _ = finetuned
+    before = open(os.path.join(out, "metrics.json"), encoding="utf-8").read()
+    options = [o if o != "3e-3" else "1e-3" for o in TRAIN_OPTIONS]   # another learning rate
+    other = cli("finetune", "--task", "CB", "--release", tiny_release, "--data-dir", cb_data, "--output-dir", out,
+                *options, "--sift", "on", "--sift-lambda", "1.0")
+    assert other.returncode == 1 and "Traceback" not in other.stderr, other.stderr[-3000:]
+    errors = [line for line in other.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "metrics.json: saved by a run with another settings" in errors[0], errors
+    assert "--overwrite" in errors[0]
+    assert open(os.path.join(out, "metrics.json"), encoding="utf-8").read() == before
+
+
+def test_a_non_finite_loss_stops_finetuning_with_exit_3_and_no_result(tmp_path, tiny_release, cb_data):
+    """A release whose weights hold a NaN (as a diverged run would leave them): the first loss is NaN, and the
+    run stops as pretraining does (exit 3), writing no metrics.json and no best release."""
+    from safetensors.torch import load_file, save_file
+    import shutil
+    broken = tmp_path / "nan_release"
+    shutil.copytree(tiny_release, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    key = next(k for k in weights if k.endswith("attention.output.dense.weight"))
+    weights[key][0, 0] = float("nan")
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    result = cli("finetune", "--task", "CB", "--release", str(broken), "--data-dir", cb_data, "--output-dir",
+                 str(out), *TRAIN_OPTIONS)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "non-finite or skipped step(s) in a row at step 1" in result.stderr
+    assert not (out / "metrics.json").exists() and not (out / "best").exists()
+
+
 def test_best_release_loads_in_transformers_with_the_same_logits(finetuned, cb_data, spm_path):  # noqa: F811
     import transformers
 
@@ -129,7 +172,7 @@ def test_record_learns_from_one_pass_per_window_and_predicts(record_run, tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     # passages of up to ~45 tokens with max_seq_len 24: several windows per query, all scored
-    assert "96 train / 32 val examples (" in result.stdout and all(0 <= e["padding_fraction"] < 1 for e in metrics["epochs"])
+    assert "96 train / 32 val examples (" in result.stderr and all(0 <= e["padding_fraction"] < 1 for e in metrics["epochs"])
     assert metrics["best"]["val"]["em"] >= 0.6, metrics["epochs"]                  # chance: about 1/4
     best = os.path.join(out, "best")
     config = json.load(open(os.path.join(best, "config.json")))

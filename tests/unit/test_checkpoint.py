@@ -1,4 +1,4 @@
-"""Which checkpoint a run resumes from (pipeline/train/checkpoint.py): the newest tag whose files match the list
+"""Which checkpoint a run resumes from (pipeline/run/checkpointer.py): the newest tag whose files match the list
 its meta file records; damaged ones are named and skipped; a model config or mode that differs is refused."""
 import json
 import os
@@ -6,7 +6,8 @@ import os
 import pytest
 
 from pipeline.errors import CheckpointError
-from pipeline.train import checkpoint
+from pipeline.run import checkpointer as checkpoint
+from pipeline.train import resume
 
 META = {"model_config": {"hidden_size": 64, "attention_impl": "auto"}, "mode": "zero3", "dp_size": 2}
 
@@ -52,13 +53,13 @@ def identity(mode="zero3", objective="mlm", **config):
 
 
 def test_a_checkpoint_of_another_model_mode_or_objective_is_refused():
-    checkpoint.check_compatible(META, identity(attention_impl="sdpa"), "tag")   # META: a build before objectives
+    resume.check_compatible(META, identity(attention_impl="sdpa"), "tag")   # META: a build before objectives
     with pytest.raises(CheckpointError, match="hidden_size: checkpoint 64 vs run 32"):
-        checkpoint.check_compatible(META, identity(hidden_size=32), "tag")
+        resume.check_compatible(META, identity(hidden_size=32), "tag")
     with pytest.raises(CheckpointError, match="written in mode 'zero3', this run is 'pipeline'"):
-        checkpoint.check_compatible(META, identity("pipeline"), "tag")
+        resume.check_compatible(META, identity("pipeline"), "tag")
     with pytest.raises(CheckpointError, match="written with objective 'mlm', this run has 'rtd'"):
-        checkpoint.check_compatible(META, dict(identity(), objective="rtd", embedding_sharing="gdes"), "tag")
+        resume.check_compatible(META, dict(identity(), objective="rtd", embedding_sharing="gdes"), "tag")
 
 
 def test_a_write_that_fails_names_the_file_and_the_os_error(tmp_path):

@@ -1,11 +1,11 @@
-"""The DeepSpeed config of a run, one rule for both trainers (pipeline/ds_config.py), and each mode's own checks."""
+"""The DeepSpeed config of a run, one rule for both trainers (pipeline/run/ds_config.py), and each mode's own checks."""
 import os
 import re
 
 import pytest
 
-from pipeline import ds_config
-from pipeline.ds_config import KNOWN_KEYS, batch_fields, complete_ds_config, load_ds_config
+from pipeline.run import ds_config
+from pipeline.run.ds_config import KNOWN_KEYS, batch_fields, complete_ds_config, load_ds_config
 from pipeline.errors import ConfigError
 from pipeline.train.config import RunConfig
 from pipeline.train.preflight import complete_for_run

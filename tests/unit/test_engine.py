@@ -9,14 +9,14 @@ import torch
 from model import DebertaForMaskedLM, preset
 from model import state_dict_adapter as keys
 from pipeline.data.mlm_loader import build_pretrain_loader
-from pipeline.ds_config import load_ds_config
+from pipeline.run.ds_config import load_ds_config
 from pipeline.launch.env import free_port
 from pipeline.release import save_release
 from pipeline.release.write import mlm_layout
-from pipeline.train import checkpoint
+from pipeline.run import checkpointer as checkpoint
 from pipeline.train.config import RunConfig
-from pipeline.train.engine import build_stepper
-from pipeline.train.stepper import Stepper
+from pipeline.train.modes import build_stepper
+from pipeline.run.stepper import Stepper
 from pipeline.train.preflight import complete_for_run
 
 OVERRIDES = {"vocab_size": 700, "max_position_embeddings": 64, "hidden_dropout_prob": 0.0,
@@ -64,10 +64,11 @@ def test_both_modes_give_the_interface_and_the_same_first_loss(process_group, re
         assert isinstance(stepper, Stepper) and stepper.mode == mode
         assert (stepper.dp_rank, stepper.dp_size) == (0, 1)
         evaluation = stepper.eval_loss(stepper.batches(loader(data_env, stepper)), 1)
-        step = stepper.train_step(stepper.batches(loader(data_env, stepper)))
+        stepper.feed(loader(data_env, stepper))
+        step = stepper.train_step()
         assert set(step) == {"loss", "mlm_accuracy"} and set(evaluation) == {"val_loss", "val_mlm_accuracy"}
         assert stepper.lr > 0 and stepper.skipped_steps == 0 and stepper.grad_norm > 0
-        results[mode] = (evaluation["val_loss"], step["loss"])
+        results[mode] = (evaluation["val_loss"], float(step["loss"]))
     # the same weights, batches and loss in both modes: zero3 runs the model, pipeline mode its blocks
     assert results["zero3"][0] == pytest.approx(results["pipeline"][0], abs=1e-6)
     assert results["zero3"][1] == pytest.approx(results["pipeline"][1], abs=1e-6)
@@ -75,21 +76,22 @@ def test_both_modes_give_the_interface_and_the_same_first_loss(process_group, re
 
 def test_a_checkpoint_round_trip_repeats_the_next_step_bitwise(process_group, release, data_env, tmp_path):
     run, stepper = stepper_for("zero3", release, "cpu_zero3_fp32")
-    batches = stepper.batches(loader(data_env, stepper))
-    stepper.train_step(batches)
+    stepper.feed(loader(data_env, stepper))
+    stepper.train_step()
     meta = {"model_config": run.model_config().to_dict(), "mode": "zero3", "pipeline_stages": 1, "dp_size": 1}
     checkpoint.save(stepper, str(tmp_path), 1, {"data": {"consumed_samples": 8}}, meta, keep_last=2, rank=0)
-    second = stepper.train_step(batches)["loss"]
+    second = float(stepper.train_step()["loss"])
     tag, saved, _ = checkpoint.newest_complete(str(tmp_path))
     assert tag == "global_step1" and saved["step"] == 1
     state = checkpoint.load(stepper, str(tmp_path), tag, rank=0)
     assert state["step"] == 1 and state["data"]["consumed_samples"] == 8
-    again = stepper.train_step(stepper.batches(loader(data_env, stepper, consumed=8)))["loss"]
+    stepper.feed(loader(data_env, stepper, consumed=8))
+    again = float(stepper.train_step()["loss"])
     assert again == second
 
 
 def test_pipeline_layer_files_are_the_release_layout(process_group):
-    from pipeline.train.pipeline_parallel import build_pipeline_module
+    from pipeline.train.pipe import build_pipeline_module
     config = preset("tiny", **OVERRIDES)
     module = build_pipeline_module(config, 1)
     maps = keys.pipeline_layer_keys(config)
@@ -106,11 +108,11 @@ def test_a_save_that_cannot_write_names_the_file_keeps_the_previous_checkpoint_a
     import signal
     from pipeline.errors import OutputError
     run, stepper = stepper_for("zero3", release, "cpu_zero3_fp32")
-    batches = stepper.batches(loader(data_env, stepper))
+    stepper.feed(loader(data_env, stepper))
     meta = {"model_config": run.model_config().to_dict(), "mode": "zero3", "pipeline_stages": 1, "dp_size": 1}
-    stepper.train_step(batches)
+    stepper.train_step()
     checkpoint.save(stepper, str(tmp_path), 1, {}, meta, keep_last=3, rank=0)
-    stepper.train_step(batches)
+    stepper.train_step()
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))
@@ -124,3 +126,58 @@ def test_a_save_that_cannot_write_names_the_file_keeps_the_previous_checkpoint_a
     assert message.startswith(f"saving checkpoint {tmp_path / 'global_step2'} failed: {tmp_path / 'global_step2'}/")
     assert "File too large; the previous checkpoint global_step1 is kept" in message
     assert not (tmp_path / "global_step2").exists() and checkpoint.newest_complete(str(tmp_path))[0] == "global_step1"
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Every read of a tensor's value on the host (item, bool, float, int, tolist) made by code under pipeline/,
+    with the function that made it, the tensor's device and the loop's step at the time. On a GPU each such read
+    of a device tensor waits until the accelerator has run everything queued before it."""
+    READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
+             torch.Tensor.tolist, torch.Tensor.__index__}
+    OURS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "pipeline")
+
+    def __init__(self):
+        super().__init__()
+        self.reads, self.step, self.in_step = [], 0, False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            import sys
+            frame = sys._getframe(1)
+            while frame is not None and f"{os.sep}torch{os.sep}" in frame.f_code.co_filename:
+                frame = frame.f_back
+            if frame is not None and frame.f_code.co_filename.startswith(self.OURS):
+                self.reads.append((frame.f_code.co_name, args[0].device.type, self.step, self.in_step))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_loop_reads_no_tensor_on_the_host_between_log_lines(process_group, release, data_env, tmp_path):
+    """issue 26: a step leaves its values on the device; the loop reads them once per log interval. The one
+    other read is the stop-signal agreement, a CPU tensor over gloo, never the accelerator's."""
+    from pipeline.run import loop
+    from pipeline.run.checkpointer import Checkpointer
+    from pipeline.run.monitor import Monitor
+    _, stepper = stepper_for("zero3", release, "cpu_zero3_fp32")
+    stepper.feed(loader(data_env, stepper))
+    reads = HostReads()
+    step_of = stepper.train_step
+
+    def counted_step():
+        reads.step, reads.in_step = reads.step + 1, True
+        try:
+            return step_of()
+        finally:
+            reads.in_step = False
+    stepper.train_step = counted_step
+    monitor = Monitor(str(tmp_path), 0, 0, 8)
+    with reads:
+        code = loop.train(stepper, Checkpointer(str(tmp_path / "checkpoints"), 0), monitor, 0,
+                          loop.LoopSettings(total_steps=8, log_interval=4))
+    monitor.close()
+    assert code == 0
+    assert [r for r in reads.reads if r[3]] == []                                  # none inside a step
+    agreements = [r for r in reads.reads if r[0] == "any_rank"]
+    assert len(agreements) == 8 and {device for _, device, _, _ in agreements} == {"cpu"}
+    others = [r for r in reads.reads if r[0] != "any_rank"]
+    assert {step for _, _, step, _ in others} == {4, 8}, others                  # the two log lines only
+    assert len([r for r in others if r[0] == "_to_host"]) == 2                    # one transfer per log line

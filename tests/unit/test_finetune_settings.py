@@ -11,7 +11,8 @@ from pipeline.finetune import finetune
 from pipeline.finetune import tasks as sg
 from pipeline.finetune.batches import epoch_micro_batches
 from pipeline.finetune.config import FinetuneConfig, SiFTSettings, load_preset
-from pipeline.optim import param_groups, warmup_linear_decay
+from pipeline.finetune.start import build_model, resolve_sift
+from pipeline.run.optim import param_groups, warmup_linear_decay
 from pipeline.release import save_release
 
 
@@ -30,13 +31,15 @@ def namespace(**values):
 
 
 def test_settings_come_from_the_preset_then_set_then_named_options():
-    settings = finetune.resolve_settings(namespace(set=["lr=1e-5", "sift.vat_lambda=3", "epochs=2"], epochs=7), sg.get_task("CB"))
+    run = finetune.run_of(namespace(set=["lr=1e-5", "sift.vat_lambda=3", "epochs=2"], epochs=7))
+    settings = run.settings
+    assert (run.task, run.release, run.output_dir) == ("CB", "R", "O")  # the run carries its paths too
     preset_values = load_preset("CB")
     assert settings.lr == 1e-5 and settings.epochs == 7                # --set, then the named option wins
     assert settings.sift.vat_lambda == 3 and settings.sift.vat_learning_rate == 1e-4
     assert settings.batch_size == preset_values["batch_size"] and settings.warmup_steps == 50
     with pytest.raises(ConfigError, match="predicted by the RTE model"):
-        finetune.resolve_settings(namespace(task="AX-b"), sg.get_task("AX-b"))
+        finetune.run_of(namespace(task="AX-b"))
 
 
 def settings_with_sift(enabled, mode):
@@ -45,10 +48,10 @@ def settings_with_sift(enabled, mode):
 
 
 def test_sift_auto_follows_the_preset_only_for_the_1p5b_model():
-    assert finetune.resolve_sift(settings_with_sift(True, "auto"), preset("xxlarge")).enabled
-    assert not finetune.resolve_sift(settings_with_sift(True, "auto"), preset("tiny")).enabled
-    assert finetune.resolve_sift(settings_with_sift(False, "on"), preset("tiny")).enabled
-    assert not finetune.resolve_sift(settings_with_sift(True, "off"), preset("xxlarge")).enabled
+    assert resolve_sift(settings_with_sift(True, "auto"), preset("xxlarge")).enabled
+    assert not resolve_sift(settings_with_sift(True, "auto"), preset("tiny")).enabled
+    assert resolve_sift(settings_with_sift(False, "on"), preset("tiny")).enabled
+    assert not resolve_sift(settings_with_sift(True, "off"), preset("xxlarge")).enabled
 
 
 def test_one_schedule_for_both_trainers_peaks_at_the_last_warmup_update_and_never_wastes_one():
@@ -86,11 +89,11 @@ def test_init_from_mnli_copies_encoder_and_the_named_classifier_rows(tmp_path, s
     mnli = DebertaForSequenceClassification(preset("tiny", vocab_size=640), num_labels=3)
     save_release(mnli, str(tmp_path / "mnli"), spm_path=spm_path)
     args = argparse.Namespace(release=None, init_from_mnli=str(tmp_path / "mnli"))
-    rte = finetune.build_model(args, sg.get_task("RTE"))
+    rte = build_model(args, sg.get_task("RTE"))
     assert torch.equal(rte.classifier.weight, mnli.classifier.weight[[1, 2]])   # neutral, entailment
     assert torch.equal(rte.deberta.embeddings.word_embeddings.weight, mnli.deberta.embeddings.word_embeddings.weight)
     assert torch.equal(rte.pooler.dense.weight, mnli.pooler.dense.weight)
-    copa = finetune.build_model(args, sg.get_task("COPA"))
+    copa = build_model(args, sg.get_task("COPA"))
     assert copa.classifier.weight.shape == (1, 64) and torch.equal(copa.classifier.bias, mnli.classifier.bias[[2]])
     with pytest.raises(ConfigError, match="does not start from MNLI"):
-        finetune.build_model(args, sg.get_task("BoolQ"))
+        build_model(args, sg.get_task("BoolQ"))

@@ -1,4 +1,4 @@
-"""One run per directory (pipeline/lifecycle.py RunLock) and the fault-injection hook."""
+"""One run per directory (pipeline/run/lifecycle.py RunLock) and the fault-injection hook."""
 import json
 import os
 import socket
@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from pipeline.errors import RunLockedError
-from pipeline.lifecycle import LOCK_FILE, RunLock, fault_points
+from pipeline.run.lifecycle import LOCK_FILE, RunLock, fault_points
 
 
 @pytest.fixture(autouse=True)

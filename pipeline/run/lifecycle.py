@@ -1,6 +1,13 @@
 """What both trainers (pretraining and fine-tuning) share about a run's life: exit codes, the stop flag that
-SIGTERM/SIGUSR1 raise, agreeing across ranks, one run per output directory (RunLock), the deliberate exit,
-and the fault-injection hook of the tests.
+SIGTERM/SIGUSR1 raise, agreeing across ranks, seeding, one run per output directory (RunLock), the deliberate
+exit, and the fault-injection hook of the tests.
+
+Seeding, one rule for both trainers: every rank seeds torch, numpy and Python's `random` with `seed` before the
+model is built (the same initial weights everywhere, also for a head a release does not carry), then with
+`seed + 1 + rank` before the first step: dropout (and SiFT's noise) then differ between the data-parallel
+replicas, as they would between the micro-batches of one process. With one stream on every rank, the k-th
+micro-batch of each rank would share its dropout masks with the others'. A checkpoint keeps every rank's RNG
+states, so a resumed run continues each stream.
 
 Exit codes: 0 done; 1 bad input (one line `error: ...`); 2 usage (argparse); 3 non-finite loss; 75
 checkpointed after SIGTERM/SIGUSR1 (EX_TEMPFAIL: run the same command again to continue; the Slurm scripts
@@ -32,6 +39,37 @@ class StopFlag:
         self.raised = signal.Signals(signum).name
 
 
+# ---------------------------------------------------------------- messages
+def say(rank, message):
+    """One line on stderr from rank 0: the one way a run prints (through tqdm, so a progress bar keeps its
+    place); results a command prints as its output go to stdout instead."""
+    if rank == 0:
+        from tqdm import tqdm
+        tqdm.write(message, file=sys.stderr)
+        sys.stderr.flush()
+
+
+# ---------------------------------------------------------------- seeding
+def seed_everything(seed):
+    import random
+
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def seed_for_build(seed):
+    """Before the model is built: the same seed on every rank."""
+    seed_everything(seed)
+
+
+def seed_for_steps(seed, rank):
+    """Before the first step: one stream per rank."""
+    seed_everything(seed + 1 + rank)
+
+
 # ---------------------------------------------------------------- ranks
 def distributed():
     import torch.distributed as dist
@@ -39,14 +77,50 @@ def distributed():
 
 
 def any_rank(flag, device="cpu"):
-    """True on every rank if it is True on any (a signal may reach the ranks at different times)."""
+    """True on every rank if it is True on any (a signal may reach the ranks at different times). The flag
+    travels as a CPU tensor over gloo (the default group on the CPU, a gloo side group beside NCCL), so agreeing
+    waits for the other ranks' hosts but never for the accelerator: the launch queue stays full."""
     if not distributed():
         return bool(flag)
     import torch
     import torch.distributed as dist
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=host_group())
+    return bool(t[0])
+
+
+_host_group = []
+
+
+def host_group():
+    """A process group for small host-side agreements: the default one where it is gloo, else a gloo group over
+    all ranks (made once; every rank makes it at the same point, its first agreement)."""
+    import torch.distributed as dist
+    if dist.get_backend() == "gloo":
+        return None
+    if not _host_group:
+        _host_group.append(dist.new_group(backend="gloo"))
+    return _host_group[0]
+
+
+def reduce_mean(tensor):
+    """The mean of a tensor over the ranks, in float64, left on its device: no host read (the loop reads a
+    step's values together at its next log line)."""
+    import torch
+    tensor = tensor.to(torch.float64)
+    if distributed():
+        import torch.distributed as dist
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def reduce_sum(tensor):
+    """The sum of a tensor over the ranks, left on its device."""
+    if distributed():
+        import torch.distributed as dist
+        dist.all_reduce(tensor)
+    return tensor
 
 
 def mean_over_ranks(values, device="cpu", group=None):
@@ -296,8 +370,12 @@ def fault_points():
     return kind, {int(s) for s in values.split(",") if s.strip()}
 
 
-def inject_fault(step, rank):
+def inject_fault(step, rank, kinds=("kill", "fsize")):
+    """The fault DEBERTA_DS_FAULT asks for at this step, if it is of one of `kinds` (the loop sends the signal
+    before the ranks agree on stopping, and kills after the step's checkpoint)."""
     kind, points = fault_points()
+    if kind not in kinds:
+        return
     if kind == "fsize":
         limited_rank, limit = points
         if rank == limited_rank:

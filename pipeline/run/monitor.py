@@ -1,6 +1,7 @@
-"""What a pretraining run shows: TensorBoard scalars, a progress bar with ETA and one summary line per
-log interval on rank 0, and metrics.jsonl (one JSON line per logged step and one per held-out
-evaluation, whose keys start with val_; tests and scripts read it).
+"""What a run shows (pretraining and fine-tuning alike): TensorBoard scalars, a progress bar with ETA and one
+summary line per log interval on rank 0, every step's loss and one JSON line per logged step and per
+evaluation in metrics.jsonl (evaluation keys start with val_; tests and scripts read it), and the run's other
+messages (`say`), all written by rank 0 only.
 
 MFU estimate. FLOPs per trained token (forward + backward = 3 x forward; a multiply-add = 2 FLOPs):
     6 · N_dense                                  the weight matmuls (nanoGPT/PaLM's 6N), N_dense = the
@@ -60,8 +61,8 @@ def memory_gb():
 class Monitor:
     """Rank 0 writes; other ranks call the same methods and nothing happens."""
 
-    def __init__(self, output_dir, rank, start_step, max_steps, tokens_per_step, samples_per_step,
-                 flops_per_step, peak_flops):
+    def __init__(self, output_dir, rank, start_step, max_steps, tokens_per_step=None, samples_per_step=None,
+                 flops_per_step=None, peak_flops=None):
         self.active = rank == 0
         self.tokens_per_step, self.samples_per_step = tokens_per_step, samples_per_step
         self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
@@ -76,11 +77,19 @@ class Monitor:
                         disable=not sys.stderr.isatty() and os.environ.get("DEBERTA_DS_PROGRESS") != "1")
 
     def step(self, step, values):
-        """values: loss, mlm_accuracy, lr, grad_norm, loss_scale (None where not known)."""
+        """Every step: the progress bar, and the step's loss in metrics.jsonl (key "loss"), so exact-resume checks
+        compare all steps and a killed run keeps every step it finished."""
         if not self.active:
             return
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{values['loss']:.4f}")
+        self.metrics.write(json.dumps({"step": step, "loss": values["loss"]}) + "\n")
+        self.metrics.flush()
+
+    def say(self, message):
+        """One line on stderr from rank 0 (through the progress bar, which keeps its place)."""
+        from pipeline.run.lifecycle import say
+        say(0 if self.active else 1, message)
 
     def log(self, step, values):
         if not self.active:
@@ -89,8 +98,9 @@ class Monitor:
         steps = max(step - self.last_step, 1)
         seconds = max(now - self.last_time, 1e-9) / steps
         self.last_time, self.last_step = now, step
-        values = dict(values, tokens_per_s=self.tokens_per_step / seconds,
-                      samples_per_s=self.samples_per_step / seconds, step_time_s=seconds, memory_gb=memory_gb())
+        values = dict(values, step_time_s=seconds, memory_gb=memory_gb())
+        if self.tokens_per_step:
+            values.update(tokens_per_s=self.tokens_per_step / seconds, samples_per_s=self.samples_per_step / seconds)
         if self.peak_flops:
             values["mfu"] = self.flops_per_step / seconds / self.peak_flops
         for key, value in values.items():
@@ -104,21 +114,16 @@ class Monitor:
     def record_eval(self, step, values):
         """A held-out evaluation (pipeline/train/evaluate.py): metrics.jsonl (keys val_*), TensorBoard (val/*) and
         one line. Its time is left out of the throughput of the next log line."""
-        self.last_time += values["eval_time_s"]
+        self.last_time += values.get("eval_time_s", 0.0)
         if not self.active:
             return
         for key, value in values.items():
-            if value is not None:
+            if isinstance(value, (int, float)):
                 self.writer.add_scalar(f"val/{key}", value, step)
         self.metrics.write(json.dumps(dict(step=step, **values)) + "\n")
         self.metrics.flush()
-        self.bar.write(f"eval at step {step} " + " ".join(f"{k}={v:.4g}" for k, v in values.items() if v is not None))
-
-    def record_loss(self, step, loss):
-        """Every step's loss (metrics.jsonl, key "loss"), so exact-resume checks compare all steps."""
-        if self.active:
-            self.metrics.write(json.dumps({"step": step, "loss": loss}) + "\n")
-            self.metrics.flush()  # a killed run keeps every step it finished
+        self.bar.write(f"eval at step {step} " + " ".join(f"{k}={v:.4g}" for k, v in values.items()
+                                                         if isinstance(v, (int, float))))
 
     def close(self):
         if self.active:

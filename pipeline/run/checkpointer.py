@@ -35,7 +35,7 @@ from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL
 
 from pipeline.errors import CheckpointError, OutputError
 from pipeline.io import atomic_json
-from pipeline.lifecycle import as_user_error, on_rank_zero
+from pipeline.run.lifecycle import as_user_error, on_rank_zero
 
 META = "deberta_ds.json"
 TAG = re.compile(r"^global_step(\d+)$")
@@ -256,36 +256,6 @@ def resume_point(ckpt_dir, rank):
     return tag, meta
 
 
-def model_identity(run):
-    """What a checkpoint's weights are, as its meta file records it: the model config(s), mode and objective."""
-    rtd = run.objective == "rtd"
-    return {"model_config": run.model_config().to_dict(), "mode": run.mode, "objective": run.objective,
-            "generator_config": run.generator_config().to_dict() if rtd else None,
-            "embedding_sharing": run.embedding_sharing if rtd else None}
-
-
-def check_compatible(meta, identity, source):
-    """Refuse a checkpoint whose model, mode or objective differ from this run's (model_identity), naming both."""
-    if "model_config" not in meta or "mode" not in meta:
-        raise CheckpointError(f"{source}: not a pretraining checkpoint (its {META} has no model_config or mode)")
-    for key in ("model_config", "generator_config"):
-        saved, now = meta.get(key), identity.get(key)
-        if saved is None or now is None:
-            continue
-        diffs = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v and k != "attention_impl"}
-        if diffs:
-            detail = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(diffs.items()))
-            what = "the model config" if key == "model_config" else "the generator's config"
-            raise CheckpointError(f"{source}: {what} differs from the checkpoint's ({detail})")
-    if meta["mode"] != identity["mode"]:
-        raise CheckpointError(f"{source}: written in mode {meta['mode']!r}, this run is {identity['mode']!r}; convert it "
-                              "first (deberta-ds convert to-release, then init_from_release)")
-    for key in ("objective", "embedding_sharing"):
-        saved = meta.get(key, "mlm" if key == "objective" else None)
-        if saved != identity.get(key):
-            raise CheckpointError(f"{source}: written with {key} {saved!r}, this run has {identity.get(key)!r}")
-
-
 def ensure_universal(ckpt_dir, tag, rank):
     """Convert tag to DeepSpeed's universal format (once; rank 0 works, the others wait)."""
     target = os.path.join(ckpt_dir, tag + "_universal")
@@ -339,21 +309,6 @@ def load_engine(engine, ckpt_dir, tag):
     return client_state
 
 
-class SingleEngine:
-    """What save and load need of a run with one DeepSpeed engine (fine-tuning; the pretraining steppers
-    extend it)."""
-
-    def __init__(self, engine):
-        self.engine = engine
-
-    def save(self, ckpt_dir, tag, client_state):
-        write_through_python(self.engine)
-        self.engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
-
-    def load(self, ckpt_dir, tag):
-        return load_engine(self.engine, ckpt_dir, tag)
-
-
 def load(stepper, ckpt_dir, tag, rank, universal=False):
     """The stepper's engine(s) and this rank's RNG states (not after a universal conversion: the ranks are
     others then); returns the client state."""
@@ -365,3 +320,38 @@ def load(stepper, ckpt_dir, tag, rank, universal=False):
     if not universal:
         set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state
+
+
+class Checkpointer:
+    """A run's checkpoints: where they go, when they are due, how many stay, and what the meta file records.
+
+    interval    save every `interval` steps and at the last step; None: only when the run is stopped by a
+                signal (fine-tuning: its checkpoints exist for preemption, and the run removes them at its end)
+    keep_last   finished tags kept (older ones are removed after a save)
+    meta        what deberta_ds.json records beside the step and the file list: the run's identity, which
+                the trainer checks on resume (pretraining: model, mode, data; fine-tuning: the whole run)
+    """
+
+    def __init__(self, ckpt_dir, rank, interval=None, keep_last=1, meta=None):
+        from pipeline.io import make_dirs
+        self.dir, self.rank, self.interval, self.keep_last = ckpt_dir, rank, interval, keep_last
+        self.meta = dict(meta or {})
+        make_dirs(ckpt_dir, "checkpoint directory")
+
+    def due(self, step, last_step):
+        return self.interval is not None and (step % self.interval == 0 or step == last_step)
+
+    def resume_point(self):
+        """(tag, meta) of the newest complete checkpoint, or (None, None) (resume_point below)."""
+        return resume_point(self.dir, self.rank)
+
+    def load(self, stepper, tag, universal=False):
+        return load(stepper, self.dir, tag, self.rank, universal=universal) or {}
+
+    def save(self, stepper, step, client_state):
+        return save(stepper, self.dir, step, client_state, self.meta, self.keep_last, self.rank)
+
+    def remove_all(self):
+        """The run is complete and nothing is left to resume (rank 0 removes; fine-tuning's end)."""
+        if self.rank == 0:
+            shutil.rmtree(self.dir, ignore_errors=True)

@@ -21,7 +21,7 @@ import sys
 
 from model import state_dict_adapter as keys
 from pipeline.errors import CheckpointError
-from pipeline.train import checkpoint
+from pipeline.run import checkpointer as checkpoint
 
 
 # ---------------------------------------------------------------- finding the checkpoint

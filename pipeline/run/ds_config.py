@@ -5,7 +5,7 @@ Each setting has one home. The trainer owns the batch sizes (and fine-tuning als
 from its settings) and writes them into the DeepSpeed config: there they are absent or "auto", or they
 must equal the trainer's value, else the run is refused naming both values. Precision, ZeRO, clipping in
 pretraining and everything else live in the DeepSpeed config. The optimizer and the LR schedule come from
-the trainer (pipeline/optim.py), so "optimizer" and "scheduler" sections are refused. DeepSpeed ignores a
+the trainer (pipeline/run/optim.py), so "optimizer" and "scheduler" sections are refused. DeepSpeed ignores a
 top-level key it does not know (`gradient_clippingg` trains without clipping): here such a key is refused,
 naming the closest known one.
 """

@@ -17,10 +17,9 @@ through the pipe like any activation, so the relative table needs no tie; the wo
 on the first and the last stage and is tied (DeepSpeed all-reduces its gradient between them).
 Partitioning balances the encoder blocks ("type:Block"): the embedding and head layers ride along.
 
-DeepSpeed's pipeline engine refuses ZeRO-2/3: this mode runs with ZeRO-0/1 (PipelineStepper.prepare_ds_config).
+DeepSpeed's pipeline engine refuses ZeRO-2/3: this mode runs with ZeRO-0/1 (PipeStepper.prepare_ds_config).
 The layer files' keys map onto the release layout in model/state_dict_adapter.py (pipeline_layer_keys).
 """
-import deepspeed
 import torch
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
@@ -32,11 +31,11 @@ from model.encoder import AttentionInputs, ConvLayer, Embeddings, Layer, relativ
 from model.fast.memory import FloatCrossEntropy
 from model.heads import decode_logits, enhanced_mask_decoder, lm_transform, masked_positions
 from model.layers import Embedding, Linear, activation
-from pipeline.ds_config import zero_stage
+from pipeline.run.ds_config import zero_stage
 from pipeline.errors import ConfigError
-from pipeline.optim import build_optimizer, lr_schedule
 from pipeline.release.read import Release
-from pipeline.train.stepper import Stepper
+from pipeline.run.optim import build_engine
+from pipeline.run.stepper import EngineStepper
 
 
 class WordEmbedding(nn.Module):
@@ -213,8 +212,10 @@ def pipeline_batches(batches):
         yield (batch["input_ids"], batch["attention_mask"], batch["labels"]), batch["labels"]
 
 
-class PipelineStepper(Stepper):
+class PipeStepper(EngineStepper):
+    """Mode pipeline: DeepSpeed's PipelineEngine over the blocks above, ZeRO-0/1."""
     mode = "pipeline"
+    train_batches = None
 
     @staticmethod
     def prepare_ds_config(run, ds, source):
@@ -236,20 +237,20 @@ class PipelineStepper(Stepper):
                                             activation_checkpointing=run.activation_checkpointing, seed=run.seed)
         if run.init_from_release:
             load_release_into_pipe(self.module, run.init_from_release, model_config)
-        optimizer = build_optimizer(self.module, run.lr, run.adam_betas, run.adam_eps, run.weight_decay, run.optimizer)
-        scheduler = lr_schedule(optimizer, run.warmup_steps, run.max_steps)
-        self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    config=ds)
-        self.device = self.engine.device
+        self.engine = build_engine(self.module, ds, run.lr, run.adam_betas, run.adam_eps, run.weight_decay,
+                                   run.warmup_steps, run.max_steps, run.optimizer)
         self.dp_rank, self.dp_size = self.engine.grid.get_data_parallel_id(), self.engine.grid.get_data_parallel_world_size()
 
     def batches(self, loader):
         return pipeline_batches(iter(loader))
 
-    def train_step(self, batches):
+    def feed(self, loader):
+        self.train_batches = self.batches(loader)
+
+    def train_step(self):
         # train_batch runs the global batch's micro-batches through the pipe (1F1B) and returns the mean loss,
         # averaged over the data-parallel ranks and broadcast from the last stage to every stage
-        return {"loss": self.engine.train_batch(data_iter=batches).item(), "mlm_accuracy": None}
+        return {"loss": self.engine.train_batch(data_iter=self.train_batches), "mlm_accuracy": None}
 
     def eval_loss(self, batches, steps):
         losses = [self.engine.eval_batch(data_iter=batches).item() for _ in range(steps)]

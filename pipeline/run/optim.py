@@ -51,3 +51,24 @@ def warmup_linear_decay(warmup_steps, total_steps):
 
 def lr_schedule(optimizer, warmup_steps, total_steps):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(warmup_steps, total_steps))
+
+
+def build_engine(module, ds, lr, betas, eps, weight_decay, warmup_steps, total_steps, kind="adamw", groups=None):
+    """The DeepSpeed engine of a trainer: AdamW over the parameter groups (build_optimizer) on the warmup/decay
+    schedule, under the completed DeepSpeed config `ds`."""
+    import deepspeed
+    optimizer = build_optimizer(module, lr, betas, eps, weight_decay, kind, groups=groups)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds,
+                                           lr_scheduler=lr_schedule(optimizer, warmup_steps, total_steps))
+    return engine
+
+
+def follow_new_peak_rates(engine, peak_rates):
+    """After a checkpoint load, which restores the schedule's own peak rates: this run's instead (one per
+    parameter group, the rates the optimizer was built with), the schedule's factor unchanged."""
+    scheduler = engine.lr_scheduler
+    scheduler.base_lrs = list(peak_rates)
+    rates = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(engine.optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates
