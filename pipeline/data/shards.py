@@ -304,10 +304,20 @@ class ShardSet:
             digest.update(f"{shard.manifest['bin']['sha256']} {shard.manifest['idx']['sha256']}\n".encode())
         return digest.hexdigest()
 
+    @property
+    def blocks_fingerprint(self):
+        """sha256 over every shard's list of block hashes, in the loader's order. The loader checks each block of
+        data against that list, not against the whole file's sha256 that `fingerprint` covers: a .bin changed
+        together with its block list would pass the checks and leave `fingerprint` as it was."""
+        digest = hashlib.sha256()
+        for shard in self.shards:
+            digest.update(f"{shard.block_bytes} {' '.join(shard.manifest['bin']['block_sha256'])}\n".encode())
+        return digest.hexdigest()
+
     def identity(self):
         """What a run records about its data, and compares on resume."""
-        return {"tokenizer_sha256": self.tokenizer_sha256, "shards_sha256": self.fingerprint, "num_samples": len(self),
-                "max_seq_len": self.max_seq_len}
+        return {"tokenizer_sha256": self.tokenizer_sha256, "shards_sha256": self.fingerprint,
+                "blocks_sha256": self.blocks_fingerprint, "num_samples": len(self), "max_seq_len": self.max_seq_len}
 
     def sample(self, index):
         shard = int(np.searchsorted(self.cumulative, index, side="right")) - 1
