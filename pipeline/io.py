@@ -241,7 +241,13 @@ def _create_record(path, record):
     except FileExistsError:
         return False
     except OSError as error:
-        raise OutputError(f"{path}: cannot write ({error.strerror or error})") from None
+        if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise OutputError(f"{path}: cannot write ({error.strerror or error})") from None
+        # a file system without hard links: check, then rename (a narrow race between processes starting at once)
+        if os.path.exists(path):
+            return False
+        os.replace(staged, path)
+        return True
     finally:
         _remove(staged)
 

@@ -1,6 +1,7 @@
 """pipeline/io.py: an output is complete or absent, an error says whose file it is (the output's, or an
 input's read inside the block), an output keeps the identity it was first written with, and a killed writer's
 temporary directory does not outlive it."""
+import errno
 import json
 import os
 import signal
@@ -114,3 +115,15 @@ def test_the_temporary_directory_of_a_killed_writer_is_removed_by_the_next_one(t
         atomic_write(os.path.join(mine, "config.json"), "{}")
     assert sorted(os.listdir(tmp_path)) == sorted(["release", os.path.basename(live)])
     assert f"{tmp_path / left[0]}: removed, a temporary output left by a process that ended" in capsys.readouterr().err
+
+
+def test_the_identity_record_is_written_where_hard_links_are_not_supported(tmp_path, monkeypatch):
+    def no_links(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted", source)
+
+    monkeypatch.setattr(os, "link", no_links)
+    assert check_output_identity(tmp_path, "preprocess", {"a": 1}, "use another directory") is True
+    assert check_output_identity(tmp_path, "preprocess", {"a": 1}, "use another directory") is False
+    with pytest.raises(OutputError, match="a: recorded 1, now 2"):
+        check_output_identity(tmp_path, "preprocess", {"a": 2}, "use another directory")
+    assert sorted(os.listdir(tmp_path)) == [OUTPUT_RECORD]
