@@ -8,7 +8,9 @@ Work split: task i of K (--shard-index/--num-shards, defaulting to SLURM_ARRAY_T
 K-th input file when there are at least K files, else every K-th document. Its shards are named
 task-i-of-K-part-j; the loader reads every manifest in the directory, so the tasks' outputs combine by
 listing. Restart: complete shards (manifest present, sizes right) are skipped with their documents;
-the first incomplete one is redone from its first document. Memory: a bounded number of document
+the first incomplete one is redone from its first document. The directory's identity (input, tokenizer,
+lengths, task split: `output_identity`) is recorded on first use (pipeline/io.py check_output_identity), so a
+rerun with anything else is refused instead of mixing two shard sets or replacing spm.model. Memory: a bounded number of document
 chunks is in flight; the corpus is never held.
 """
 import collections
@@ -21,8 +23,8 @@ import numpy as np
 
 from pipeline.data import shards, sources
 from pipeline.data.tokenizer import Tokenizer, file_sha256
-from pipeline.errors import ConfigError
-from pipeline.io import atomic_copy, atomic_write, make_dirs
+from pipeline.errors import ConfigError, OutputError
+from pipeline.io import atomic_copy, atomic_write, check_output_identity, make_dirs
 from pipeline.cli_types import at_least, positive_int
 
 CHUNK_BYTES = 1 << 18  # documents are sent to workers in chunks of about this much text
@@ -69,12 +71,30 @@ def task_documents(args, task_index, num_tasks):
     files = sources.expand_inputs(args.input)
     if not files:
         raise sources.InputError("give --input files or --dataset")
-    by_files = args.split_by == "files" or (args.split_by == "auto" and len(files) >= num_tasks)
-    if by_files:
+    if split_mode(args, files, num_tasks) == "files":
         mine = files[task_index::num_tasks]
         return (t for f in mine for t in sources.iter_file_texts(f, args.text_field, args.max_line_bytes))
     stream = (t for f in files for t in sources.iter_file_texts(f, args.text_field, args.max_line_bytes))
     return itertools.islice(stream, task_index, None, num_tasks)
+
+
+def split_mode(args, files, num_tasks):
+    """How the tasks share the input: "files" (every K-th file) or "documents" (every K-th document)."""
+    if args.dataset:
+        return "documents"
+    by_files = args.split_by == "files" or (args.split_by == "auto" and len(files) >= num_tasks)
+    return "files" if by_files else "documents"
+
+
+def output_identity(args, tokenizer, num_tasks):
+    """Everything that decides the shards' content. Every task of a run, and a rerun that continues it, has the
+    same; another input, tokenizer or setting in the same directory would mix two shard sets. --workers and
+    --max-line-bytes are not in it: they change how, not what, is written."""
+    source = sources.describe_source(args)
+    files = [] if args.dataset else source["input_files"]
+    return {"tokenizer_sha256": tokenizer.fingerprint, "max_seq_len": args.max_seq_len, **source,
+            "text_field": args.text_field, "num_tasks": num_tasks, "split_by": split_mode(args, files, num_tasks),
+            "shard_tokens": args.shard_tokens}
 
 
 # ------------------------------------------------------------------ workers
@@ -163,20 +183,42 @@ def finished_parts(output_dir, task_index, num_tasks):
     return part, documents
 
 
-def keep_tokenizer_copy(spm_path, output_dir):
+def keep_tokenizer_copy(spm_path, output_dir, replace):
     """The shard directory carries its tokenizer (spm.model), so pretraining needs only the directory.
-    Array tasks race to write it: each writes a private temporary file and renames it."""
+    Array tasks race to write it: each writes a private temporary file and renames it. Another spm.model is
+    replaced only where no shard has been written (`replace`): shards belong to theirs."""
     target = os.path.join(output_dir, "spm.model")
-    if os.path.exists(target) and file_sha256(target) == file_sha256(spm_path):
-        return
+    if os.path.exists(target):
+        if file_sha256(target) == file_sha256(spm_path):
+            return
+        if not replace:
+            raise OutputError(f"{target}: another tokenizer than --tokenizer {spm_path} (sha256 "
+                              f"{file_sha256(target)[:16]}... vs {file_sha256(spm_path)[:16]}...): the shards there "
+                              "belong to it; preprocess into a new --output-dir")
     atomic_copy(spm_path, target)
+
+
+def holds_shards(output_dir):
+    """True once any task has begun a shard here (a complete one, or a partial .tmp of a killed run)."""
+    return any(name.startswith("task-") for name in os.listdir(output_dir))
+
+
+def check_same_output(args, tokenizer, num_tasks):
+    """Refuse to write into a shard directory that holds (or began to hold) the shards of other inputs or
+    settings; a rerun with the same ones continues where it stopped. A directory with no shard yet (a first
+    run that failed on its input) takes the new identity: there is nothing to mix."""
+    check_output_identity(args.output_dir, "preprocess", output_identity(args, tokenizer, num_tasks),
+                          f"preprocess into a new --output-dir, or delete {args.output_dir} to redo it (shards of "
+                          "two inputs or settings in one directory would be read as one data set)",
+                          force=not holds_shards(args.output_dir))
 
 
 def preprocess(args, task_index, num_tasks):
     """Write this task's shards; return (shards written now, tokens written now)."""
     tokenizer = Tokenizer(args.tokenizer)
     make_dirs(args.output_dir, "shard directory")
-    keep_tokenizer_copy(args.tokenizer, args.output_dir)
+    check_same_output(args, tokenizer, num_tasks)
+    keep_tokenizer_copy(args.tokenizer, args.output_dir, replace=not holds_shards(args.output_dir))
     done_marker = shards.task_done_path(args.output_dir, task_index, num_tasks)
     if os.path.exists(done_marker):
         return 0, 0

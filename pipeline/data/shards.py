@@ -12,14 +12,15 @@ A shard NAME is three files in one directory:
 byte range and checked block by block as the loader first touches it. Both data files are written under
 NAME.*.tmp and renamed, then the manifest: a crash never leaves a shard that looks complete.
 """
+import contextlib
 import hashlib
 import json
 import os
 
 import numpy as np
 
-from pipeline.errors import DataError
-from pipeline.io import atomic_write
+from pipeline.errors import DataError, OutputError
+from pipeline.io import OUTPUT_RECORD, atomic_write
 
 FORMAT = "deberta-ds-shard"
 VERSION = 1
@@ -72,7 +73,8 @@ class ShardWriter:
     def __init__(self, directory, name, cls_id, sep_id):
         self.paths = shard_paths(directory, name)
         self.cls_id, self.sep_id = cls_id, sep_id
-        self._bin = open(self.paths["bin"] + ".tmp", "wb")
+        with self._writing():
+            self._bin = open(self.paths["bin"] + ".tmp", "wb")
         self._hasher = BlockHasher()
         self._whole = hashlib.sha256()
         self._offsets = [0]
@@ -95,7 +97,8 @@ class ShardWriter:
         framed = np.empty((rows, width + 2), dtype=TOKEN_DTYPE)
         framed[:, 0], framed[:, 1:-1], framed[:, -1] = self.cls_id, block, self.sep_id
         data = framed.tobytes()
-        self._bin.write(data)
+        with self._writing():
+            self._bin.write(data)
         self._hasher.update(data)
         self._whole.update(data)
         start = self._offsets[-1]
@@ -104,7 +107,8 @@ class ShardWriter:
 
     def _append(self, sample):
         data = sample.tobytes()
-        self._bin.write(data)
+        with self._writing():
+            self._bin.write(data)
         self._hasher.update(data)
         self._whole.update(data)
         self._offsets.append(self._offsets[-1] + len(sample))
@@ -112,12 +116,14 @@ class ShardWriter:
 
     def close(self, metadata):
         """Finish the data files, rename them into place, then write the manifest; return the manifest."""
-        self._bin.flush()
-        os.fsync(self._bin.fileno())
-        self._bin.close()
+        with self._writing():
+            self._bin.flush()
+            os.fsync(self._bin.fileno())
+            self._bin.close()
         offsets = np.asarray(self._offsets, dtype=OFFSET_DTYPE).tobytes()
         atomic_write(self.paths["idx"], offsets)
-        os.replace(self.paths["bin"] + ".tmp", self.paths["bin"])
+        with self._writing():
+            os.replace(self.paths["bin"] + ".tmp", self.paths["bin"])
         manifest = dict(metadata, format=FORMAT, version=VERSION, num_samples=self.num_samples,
                         num_tokens=self.num_tokens,
                         bin={"file": os.path.basename(self.paths["bin"]), "bytes": self.num_tokens * 4,
@@ -128,8 +134,21 @@ class ShardWriter:
         atomic_write(self.paths["json"], json.dumps(manifest, indent=1).encode())
         return manifest
 
+    @contextlib.contextmanager
+    def _writing(self):
+        """An OS error writing the data file (a full disk) as one OutputError naming the shard's file."""
+        try:
+            yield
+        except OSError as error:
+            if isinstance(error, OutputError):
+                raise
+            raise OutputError(f"{self.paths['bin']}: cannot write ({error.strerror or error})") from None
+
     def abort(self):
-        self._bin.close()
+        """Remove every file of the shard. Closing may fail to flush what is buffered (the disk that filled):
+        that data is being discarded anyway, and the error that stopped the writer is the one to report."""
+        with contextlib.suppress(OSError):
+            self._bin.close()
         remove_shard(self.paths)
 
 
@@ -243,7 +262,7 @@ class ShardSet:
     def __init__(self, directory, tokenizer_fingerprint=None, verify="lazy", allow_incomplete=False):
         if not os.path.isdir(directory):
             raise ShardError(f"{directory}: no such shard directory")
-        names = sorted(n for n in os.listdir(directory) if n.endswith(".json"))
+        names = sorted(n for n in os.listdir(directory) if n.endswith(".json") and n != OUTPUT_RECORD)
         self.shards = [Shard(os.path.join(directory, n), verify=verify) for n in names]
         if not self.shards:
             raise ShardError(f"{directory}: no shard manifests (*.json); run `deberta-ds preprocess` first")
@@ -285,10 +304,20 @@ class ShardSet:
             digest.update(f"{shard.manifest['bin']['sha256']} {shard.manifest['idx']['sha256']}\n".encode())
         return digest.hexdigest()
 
+    @property
+    def blocks_fingerprint(self):
+        """sha256 over every shard's list of block hashes, in the loader's order. The loader checks each block of
+        data against that list, not against the whole file's sha256 that `fingerprint` covers: a .bin changed
+        together with its block list would pass the checks and leave `fingerprint` as it was."""
+        digest = hashlib.sha256()
+        for shard in self.shards:
+            digest.update(f"{shard.block_bytes} {' '.join(shard.manifest['bin']['block_sha256'])}\n".encode())
+        return digest.hexdigest()
+
     def identity(self):
         """What a run records about its data, and compares on resume."""
-        return {"tokenizer_sha256": self.tokenizer_sha256, "shards_sha256": self.fingerprint, "num_samples": len(self),
-                "max_seq_len": self.max_seq_len}
+        return {"tokenizer_sha256": self.tokenizer_sha256, "shards_sha256": self.fingerprint,
+                "blocks_sha256": self.blocks_fingerprint, "num_samples": len(self), "max_seq_len": self.max_seq_len}
 
     def sample(self, index):
         shard = int(np.searchsorted(self.cumulative, index, side="right")) - 1

@@ -14,7 +14,9 @@ in either mode with the run-config setting `init_from_release` (`--set init_from
 fine-tuning with `deberta-ds finetune --release DIR`. Moving a run between zero3 and pipeline mode is
 to-release then init_from_release: the weights move exactly, Adam's moments and the step count restart.
 
-Output is written under a temporary name and renamed at the end: a failure leaves no output directory.
+Output is written under a temporary name and renamed at the end: a failure leaves no output directory. The
+final rename refuses a target that another convert finished meanwhile (unless --overwrite), and the temporary
+directory of a convert that was killed is removed by the next convert to that name (pipeline/io.py).
 Safetensors files are written tensor by tensor at precomputed offsets, so memory holds one tensor at a
 time (plus whatever pages of the memory-mapped source the kernel keeps).
 """
@@ -154,7 +156,7 @@ def to_release(args):
     started = time.time()
     print(f"convert: {tag_dir} ({kind}, mode {meta['mode']}, step {meta.get('step')}) -> {out} ({args.dtype})",
           file=sys.stderr)
-    with staged_directory(out) as tmp:
+    with staged_directory(out, replace=args.overwrite) as tmp:
         if rtd:  # the v3 layout: the discriminator, and the generator beside it
             count, nbytes = write_rtd_release(tensors, config, generator_config, meta["embedding_sharing"], emd, tmp,
                                               dtype, max_shard, tag_dir)

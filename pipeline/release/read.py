@@ -64,8 +64,9 @@ class TensorRef:
     pytorch_model.bin, memory-mapped once (torch.load(mmap=True)) and shared by its refs, a view of the
     mapping (only the pages read are loaded; the caller copies what it keeps)."""
 
-    def __init__(self, file, key, shape, bin_state=None):
+    def __init__(self, file, key, shape, dtype, bin_state=None):
         self.file, self.key, self.shape, self._bin_state = file, key, torch.Size(shape), bin_state
+        self.dtype = dtype  # as the file names it: safetensors' "F32", "I32", ... or torch's "torch.float32"
         self.fresh = bin_state is None  # load() returns memory of its own (not a view of a mapping)
 
     def load(self):
@@ -93,11 +94,12 @@ def index_tensors(path):
                 from safetensors import safe_open
                 with safe_open(file, framework="pt") as f:
                     for key in f.keys():
-                        refs[key] = TensorRef(file, key, f.get_slice(key).get_shape())
+                        tensor = f.get_slice(key)
+                        refs[key] = TensorRef(file, key, tensor.get_shape(), tensor.get_dtype())
             else:
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
                 for key, tensor in state.items():
-                    refs[key] = TensorRef(file, key, tensor.shape, bin_state=state)
+                    refs[key] = TensorRef(file, key, tensor.shape, str(tensor.dtype), bin_state=state)
     return refs
 
 
@@ -147,7 +149,9 @@ class Release:
     def check_fits(self, shapes, what, new_ok=(), unexpected_ok=None):
         """Every key of `shapes` ({our key: shape}) present with that shape, else a ReleaseError naming keys and
         shapes. Keys starting with a prefix of `new_ok` may be missing (returned: a new task head); keys of the
-        release that `shapes` lacks are an error unless unexpected_ok(key) allows them."""
+        release that `shapes` lacks are an error unless unexpected_ok(key) allows them. Every weight read must
+        be floating point (check_float)."""
+        self.check_float(k for k in shapes if k in self.refs)
         missing = [k for k in shapes if k not in self.refs]
         new = [k for k in missing if k.startswith(tuple(new_ok))]
         missing = [k for k in missing if k not in new]
@@ -165,6 +169,25 @@ class Release:
             raise ReleaseError(f"{self.path}: does not fit the {what}: " + "; ".join(problems))
         return new
 
+    def check_float(self, keys_read):
+        """A weight stored as integers (or bool) is not a weight: casting int32 to float would load it silently
+        as whole numbers. Refuse the first, naming its file, key and dtype."""
+        for key in keys_read:
+            ref = self.refs[key]
+            check_float_weight(ref.file, ref.key, ref.dtype)
+
+
+def check_float_weight(file, key, dtype):
+    """A ReleaseError naming the file, key and dtype unless `dtype` (a name) is a floating-point one."""
+    if not is_float_dtype(str(dtype)):
+        raise ReleaseError(f"{file}: {key} is {dtype}, not a floating-point weight (a release holds float32, "
+                           "bfloat16 or float16 weights)")
+
+
+def is_float_dtype(name):
+    """True for safetensors' float dtypes (F64, F32, F16, BF16, F8_*) and torch's (torch.float32, ...)."""
+    name = name.replace("torch.", "")
+    return name.upper().startswith(("F", "BF")) or name.startswith(("float", "bfloat", "half", "double"))
 
 # ---------------------------------------------------------------- load_release
 def build_model(config, task="base", num_labels=None, position_table=False, emd=True):

@@ -23,7 +23,7 @@ from model import state_dict_adapter as keys
 from model.rtd import DebertaForRTD, RTDModel
 from pipeline.errors import ReleaseError
 from pipeline.run.lifecycle import raise_where_read
-from pipeline.release.read import Release
+from pipeline.release.read import Release, check_float_weight
 from pipeline.release.write import StreamingSafetensors, write_config
 
 GENERATOR_FILE = "pytorch_model.generator.bin"
@@ -122,6 +122,9 @@ def load_rtd_release_into(model, path, stage, rank):
             values.update({"discriminator." + k: ref for k, ref in release.refs.items()
                            if k.startswith("deberta.") and k != keys.WORD_EMBEDDINGS})
             values["release table"] = release.refs[keys.WORD_EMBEDDINGS]
+            for name, value in values.items():  # integer weights would load silently as whole numbers
+                check_float_weight(getattr(value, "file", os.path.join(path, GENERATOR_FILE)),
+                                   getattr(value, "key", name.split(".", 1)[-1]), value.dtype)
         except (ReleaseError, KeyError, ValueError) as e:
             error = e if isinstance(e, ReleaseError) else ReleaseError(f"{path}: not a v3 release ({e})")
     raise_where_read(error, stage == 3)

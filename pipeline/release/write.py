@@ -229,7 +229,7 @@ def save_release(model, out_dir, spm_path=None, dtype=torch.float32, max_shard_s
     extra = dict(extra_config or {})
     if getattr(model, "num_labels", None):
         extra.setdefault("num_labels", model.num_labels)
-    with staged_directory(out_dir) as tmp:
+    with staged_directory(out_dir, replace=overwrite) as tmp:
         write_tensors(tmp, layout, tensors, dtype, parse_size(max_shard_size), source=out_dir)
         write_config(tmp, model.config, task, dtype, extra)
         if spm_path:

@@ -74,7 +74,10 @@ def check_same_data(meta, now, source, accept_change):
     saved = meta.get("data")
     if not saved:  # an older build recorded the tokenizer only
         return False
-    training = [k for k in ("shards_sha256", "num_samples", "max_seq_len") if saved.get(k) != now.get(k)]
+    # blocks_sha256 (the block lists the loader checks against) only where the checkpoint has it: older builds'
+    # checkpoints resume as before
+    compared = ("shards_sha256", "num_samples", "max_seq_len") + (("blocks_sha256",) if "blocks_sha256" in saved else ())
+    training = [k for k in compared if saved.get(k) != now.get(k)]
     differs = list(training)
     # the validation set only matters where both have one (evaluating or not leaves training as it is)
     if saved.get("valid_shards_sha256") and now.get("valid_shards_sha256") and \

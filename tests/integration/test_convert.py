@@ -343,3 +343,51 @@ def test_overwrite_replaces_only_a_release_and_never_the_training_run(zero3_run,
     assert to_release(run / "checkpoints", target, "--overwrite") == 0
     same_tensors(zero3_release, target)
     assert no_leftovers(tmp_path)
+
+
+def test_a_convert_that_finishes_second_to_one_new_name_leaves_the_first_release(zero3_run, zero3_release, tmp_path,
+                                                                                 capsys, monkeypatch):
+    """Two converts to one new name, both past the check at the start: the other one renames its release into
+    place while this one writes (played here by a copy made from inside this convert). Before, the second
+    rename replaced the first release and both converts succeeded."""
+    from pipeline.release import write
+    target = tmp_path / "release"
+    tokenizer_files = write.write_tokenizer_files
+
+    def other_convert_finishes_first(out_dir, spm):
+        tokenizer_files(out_dir, spm)
+        shutil.copytree(zero3_release, target)
+        (target / "README.md").write_text("the first release\n")
+
+    monkeypatch.setattr(write, "write_tokenizer_files", other_convert_finishes_first)
+    assert to_release(zero3_run / "checkpoints", target) == 1
+    err = capsys.readouterr().err
+    assert f"error: {target}: appeared while this output was written (another command wrote it)" in err
+    assert "choose another name, or give --overwrite to replace it" in err
+    assert (target / "README.md").read_text() == "the first release\n" and no_leftovers(tmp_path)
+    same_tensors(zero3_release, target)
+
+
+KILLED_CONVERT = """
+import os, signal, sys
+from pipeline.cli import main
+from pipeline.release import write
+write.write_tokenizer_files = lambda out_dir, spm: os.kill(os.getpid(), signal.SIGKILL)
+main(["convert", "to-release", "--checkpoint", sys.argv[1], "--output", sys.argv[2]])
+"""
+
+
+def test_the_next_convert_to_a_name_removes_a_killed_converts_temporary_directory(zero3_run, zero3_release, tmp_path):
+    """A convert killed after writing the weights (SIGKILL: no handler runs) leaves its full-size temporary
+    directory; before, nothing removed it."""
+    target = tmp_path / "release"
+    killed = subprocess.run([sys.executable, "-c", KILLED_CONVERT, str(zero3_run / "checkpoints"), str(target)],
+                            cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, explain(killed)
+    left = [n for n in os.listdir(tmp_path) if n.startswith(".tmp-release-")]
+    assert len(left) == 1 and os.path.getsize(tmp_path / left[0] / "model.safetensors") > 100_000
+    result = cli("convert", "to-release", "--checkpoint", str(zero3_run / "checkpoints"), "--output", str(target))
+    assert result.returncode == 0, explain(result)
+    assert f"{tmp_path / left[0]}: removed, a temporary output left by a process that ended" in result.stderr
+    assert os.listdir(tmp_path) == ["release"]
+    same_tensors(zero3_release, target)

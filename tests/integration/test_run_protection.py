@@ -84,6 +84,27 @@ def test_another_validation_set_accepted_on_resume_leaves_the_training_order_as_
     assert [got[s] for s in (3, 4)] == [reference[s] for s in (3, 4)]
 
 
+def test_a_resume_on_a_shard_changed_with_its_block_hashes_is_refused(four_steps, tiny_shards, tmp_path):
+    """A token of a shard changed and the manifest's block hash edited to match: every check of the loader
+    passes and shards_sha256 (the whole files' hashes) is as recorded; blocks_sha256 is not."""
+    import hashlib
+    run = copy_at_step_2(four_steps, tmp_path, keep_4=False)
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    manifest_path = sorted(p for p in shards.glob("task-*.json"))[0]
+    manifest = json.loads(manifest_path.read_text())
+    bin_path = shards / manifest["bin"]["file"]
+    data = bytearray(bin_path.read_bytes())
+    data[4 * 5:4 * 6] = (7).to_bytes(4, "little")
+    bin_path.write_bytes(bytes(data))
+    manifest["bin"]["block_sha256"][0] = hashlib.sha256(data[:manifest["bin"]["block_bytes"]]).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+    refused = pretrain(shards, run, nproc=1, sets=SETS)
+    assert refused.returncode == 1, explain(refused)
+    assert "trained on other data than --data-dir/--valid-data-dir give (blocks_sha256: checkpoint" in refused.stderr
+    assert no_traceback_of_ours(refused.stderr)
+
+
 def test_a_resume_with_another_tokenizer_is_always_refused(four_steps, other_tokenizer_shards, tmp_path):
     run = copy_at_step_2(four_steps, tmp_path)
     for args in ([], ["--accept-data-change"]):

@@ -249,3 +249,25 @@ def test_a_new_task_head_is_announced_by_its_keys(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{tmp_path / 'rel'}: new task head, initialised randomly: pooler.dense.weight, pooler.dense.bias, " \
            "classifier.weight, classifier.bias" in err
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_an_integer_weight_is_refused_naming_file_key_and_dtype(tmp_path, safe):
+    """Before, an int32 weight was cast to float and loaded silently (as whole numbers)."""
+    config = preset("tiny", **SMALL)
+    _, ours = hf_and_ours(config, "mlm", emd=True)
+    state = {k: v.contiguous() for k, v in ours.state_dict().items()}
+    key = "deberta.encoder.layer.0.attention.self.query_proj.weight"
+    state[key] = state[key].to(torch.int32)
+    write_config(str(tmp_path), config, "mlm", torch.float32)
+    if safe:
+        save_file(state, str(tmp_path / "model.safetensors"))
+        file, dtype = tmp_path / "model.safetensors", "I32"
+    else:
+        torch.save(state, tmp_path / "pytorch_model.bin")
+        file, dtype = tmp_path / "pytorch_model.bin", "torch.int32"
+    for task in ("mlm", "base", "classification"):
+        with pytest.raises(ReleaseError) as refused:
+            load_release(str(tmp_path), task=task)
+        assert str(refused.value) == (f"{file}: {key} is {dtype}, not a floating-point weight (a release holds "
+                                      "float32, bfloat16 or float16 weights)")

@@ -10,6 +10,7 @@ from tests.helpers.data import preprocess_args
 from pipeline import cli
 from pipeline.data import preprocess, shards
 from pipeline.data.tokenizer import Tokenizer
+from pipeline.io import OUTPUT_RECORD
 
 
 def _all_tokens(directory, tokenizer):
@@ -112,10 +113,105 @@ def test_bad_input_fails_naming_file_and_line(tmp_path, data_env, capsys, conten
     assert _preprocess_cli([data_env["corpus_files"][0], bad], data_env["spm"], out,
                            "--max-line-bytes", "100000", "--split-by", "documents") == 1
     assert __import__("re").search(message, capsys.readouterr().err)
-    leftovers = [n for n in os.listdir(out) if n.endswith((".json", ".done"))]
-    assert leftovers == []  # no half-written shard looks complete
+    leftovers = [n for n in os.listdir(out) if n.endswith((".json", ".done")) and n != OUTPUT_RECORD]
+    assert leftovers == []  # no half-written shard looks complete (the directory's identity record is no shard)
 
 
 def test_missing_tokenizer_fails(tmp_path, data_env, capsys):
     assert _preprocess_cli(data_env["corpus_files"][:1], tmp_path / "nope.model", tmp_path / "o") == 1
     assert "nope.model" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- one shard directory, one identity
+@pytest.fixture
+def finished(data_env, tmp_path):
+    """A finished shard directory of two corpus files: (its path, its files' digests)."""
+    out = tmp_path / "shards"
+    assert _preprocess_cli(data_env["corpus_files"][:2], data_env["spm"], out, "--max-seq-len", "64") == 0
+    return out, _digests(out)
+
+
+@pytest.fixture(scope="module")
+def other_spm(data_env, tmp_path_factory):
+    from pipeline.data import tokenizer
+    texts = (line for line in open(data_env["corpus_files"][0], encoding="utf-8"))
+    return tokenizer.train(texts, str(tmp_path_factory.mktemp("other") / "spm"), vocab_size=300, sample_size=2000)
+
+
+@pytest.mark.parametrize("change, message", [
+    ("tokenizer", "tokenizer_sha256: recorded"),
+    ("max_seq_len", "max_seq_len: recorded 64, now 128"),
+    ("input", "input_files: recorded 2 entries, now 1"),
+    ("num_shards", "num_tasks: recorded 1, now 2"),
+])
+def test_a_rerun_with_other_inputs_or_settings_is_refused_and_changes_nothing(finished, data_env, other_spm, capsys,
+                                                                              change, message):
+    """Before, such a rerun into a finished directory exited 0, wrote nothing and replaced spm.model."""
+    out, before = finished
+    inputs, spm, extra = data_env["corpus_files"][:2], data_env["spm"], ["--max-seq-len", "64"]
+    if change == "tokenizer":
+        spm = other_spm
+    elif change == "max_seq_len":
+        extra = ["--max-seq-len", "128"]
+    elif change == "input":
+        inputs = inputs[:1]
+    else:
+        extra += ["--num-shards", "2", "--shard-index", "1"]
+    capsys.readouterr()
+    assert _preprocess_cli(inputs, spm, out, *extra) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out}: holds the output of a preprocess of other inputs or settings (")
+    assert message in err and f"preprocess into a new --output-dir, or delete {out} to redo it" in err
+    assert len(err.splitlines()) == 1 and _digests(out) == before
+
+
+def test_a_killed_run_continues_only_with_its_own_input(finished, data_env, capsys):
+    """Killed while writing its last shard: another --input is refused (it would mix two corpora); the same input
+    finishes the directory as an uninterrupted run does."""
+    out, before = finished
+    last = sorted(n for n in os.listdir(out) if n.startswith("task-") and n.endswith(".json"))[-1]
+    os.remove(out / last)
+    os.remove(shards.task_done_path(str(out), 0, 1))
+    assert _preprocess_cli(data_env["corpus_files"][2:], data_env["spm"], out, "--max-seq-len", "64") == 1
+    assert "input_files: recorded 2 entries, now 2; first difference at entry 0" in capsys.readouterr().err
+    assert not (out / last).exists()
+    assert _preprocess_cli(data_env["corpus_files"][:2], data_env["spm"], out, "--max-seq-len", "64") == 0
+    assert _digests(out) == before
+
+
+def test_a_directory_without_shards_takes_the_next_runs_identity(data_env, other_spm, tmp_path, capsys):
+    """A first run that failed on its input wrote no shard: nothing can be mixed, so a corrected rerun (another
+    input or tokenizer) is not refused."""
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"bad \xff line\n")
+    out = tmp_path / "out"
+    assert _preprocess_cli([bad], other_spm, out) == 1
+    assert _preprocess_cli(data_env["corpus_files"][:1], data_env["spm"], out) == 0
+    assert json.loads((out / OUTPUT_RECORD).read_text())["identity"]["input_files"] == [data_env["corpus_files"][0]]
+    assert open(out / "spm.model", "rb").read() == open(data_env["spm"], "rb").read()
+
+
+def _cut_gzip():
+    """A gzip file whose end is missing (a download or copy that stopped): its first lines decompress."""
+    text = "".join(f"document {i}: {' '.join(str(i * j * 7919 % 10007) for j in range(20))}\n" for i in range(2000))
+    compressed = gzip.compress(text.encode())
+    return compressed[:len(compressed) // 2]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("cut.txt.gz", _cut_gzip(), "cut.txt.gz: truncated gzip file (Compressed file ended"),
+    ("plain.jsonl.gz", b'{"text": "not compressed"}\n', "plain.jsonl.gz: not a valid gzip file (Not a gzipped file"),
+    ("broken.parquet", b"PAR1 this is no parquet", "broken.parquet: not a readable parquet file (Parquet magic bytes"),
+], ids=["truncated-gzip", "not-gzip", "corrupt-parquet"])
+@pytest.mark.parametrize("command", ["preprocess", "tokenizer train"])
+def test_a_damaged_compressed_or_parquet_input_is_one_line_naming_it(tmp_path, data_env, capsys, name, content,
+                                                                    message, command):
+    damaged = tmp_path / name
+    damaged.write_bytes(content)
+    if command == "preprocess":
+        code = _preprocess_cli([damaged], data_env["spm"], tmp_path / "out")
+    else:
+        code = cli.main(["tokenizer", "train", "--input", str(damaged), "--output", str(tmp_path / "spm"),
+                         "--vocab-size", "100"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith(f"error: {damaged}") and message in err and len(err.splitlines()) == 1, err

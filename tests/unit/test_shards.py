@@ -1,3 +1,5 @@
+import hashlib
+import json
 import os
 import shutil
 
@@ -79,3 +81,31 @@ def test_incomplete_preprocessing_is_refused(shard_copy, tok):
 def test_empty_directory_is_reported(tmp_path):
     with pytest.raises(shards.ShardError, match="no shard manifests"):
         shards.ShardSet(str(tmp_path))
+
+
+def test_a_shard_changed_with_its_block_list_differs_from_the_recorded_identity(shard_copy, tok):
+    """A .bin changed and its manifest's block hashes edited to match passes the loader's checks and leaves the
+    whole-file hashes (shards_sha256) as they were: the block lists' own hash (blocks_sha256) tells, and a resume
+    on such shards is refused like one on other data (and accepted only with --accept-data-change)."""
+    from pipeline.errors import CheckpointError
+    from pipeline.train.pretrain import check_same_data
+    recorded = shards.ShardSet(str(shard_copy), tok.fingerprint).identity()
+    bin_path = shard_copy / "task-00000-of-00001-part-000000.bin"
+    manifest_path = shard_copy / "task-00000-of-00001-part-000000.json"
+    with open(bin_path, "r+b") as handle:
+        handle.seek(4 * 5)
+        handle.write(np.asarray([7], dtype="<i4").tobytes())  # token 5 of the first sample becomes 7
+    manifest = json.loads(manifest_path.read_text())
+    block = open(bin_path, "rb").read()[:manifest["bin"]["block_bytes"]]
+    manifest["bin"]["block_sha256"][0] = hashlib.sha256(block).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+    changed = shards.ShardSet(str(shard_copy), tok.fingerprint, verify="full")  # passes every check
+    now = changed.identity()
+    assert changed.sample(0)[5] == 7 and now["shards_sha256"] == recorded["shards_sha256"]
+    assert now["blocks_sha256"] != recorded["blocks_sha256"]
+    meta = {"tokenizer_sha256": tok.fingerprint, "data": recorded}
+    with pytest.raises(CheckpointError, match=r"trained on other data .*\(blocks_sha256: checkpoint"):
+        check_same_data(meta, now, "global_step2", accept_change=False)
+    assert check_same_data(meta, now, "global_step2", accept_change=True) is True
+    older = {"tokenizer_sha256": tok.fingerprint, "data": {k: v for k, v in recorded.items() if k != "blocks_sha256"}}
+    assert check_same_data(older, recorded, "global_step2", accept_change=False) is False  # older checkpoints resume
