@@ -285,13 +285,14 @@ def finetune(args):
     from pipeline.finetune.sift import SiFT
     from pipeline.finetune.tasks import get_task
     from pipeline.io import atomic_json, make_dirs
-    from pipeline.launch.env import discover_env
+    from pipeline.launch.env import check_master_addr, discover_env
     from pipeline.lifecycle import EXIT_OK, EXIT_REQUEUE, StopFlag, any_rank, inject_fault, lock_run_directory, mean_over_ranks, \
         on_rank_zero
     from pipeline.optim import build_optimizer, lr_schedule
 
     task = get_task(args.task)
     env = discover_env()
+    check_master_addr(env)  # here, before the output directory exists
     rank, world_size = env.rank, env.world_size
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     settings = resolve_settings(args, task)

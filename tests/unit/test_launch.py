@@ -370,3 +370,16 @@ def test_launch_check_passes_when_every_rank_arrives():
     for process in ranks:
         code, out, err = finished(process, limit=120)
         assert code == 0 and "LAUNCH_CHECK" in out and "world_size=2" in out and "rank_sum=1" in out, err
+
+
+@pytest.mark.parametrize("argv", [["pretrain", "--config", "tiny_cpu", "--deepspeed", "cpu_zero3_fp32"],
+                                  ["finetune", "--task", "CB", "--release", "nowhere"]])
+def test_a_trainer_with_an_unresolvable_master_addr_stops_in_one_line_before_its_output_directory(argv, tmp_path, capsys,
+                                                                                                 monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "no-such-host.invalid")
+    assert cli.main(argv + ["--output-dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: MASTER_ADDR='no-such-host.invalid' does not resolve (") and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
