@@ -1,5 +1,6 @@
 """Types for command-line options: argparse turns a bad value into one line naming the option."""
 import argparse
+import math
 
 
 def positive_int(text):
@@ -19,6 +20,8 @@ def positive_float(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
 
 

@@ -3,11 +3,13 @@ overrides (dotted keys reach into groups), typed dataclass configs that refuse u
 closest known one) and values of the wrong type, and the shipped run and DeepSpeed configs by name.
 
 A value given on the command line is JSON when it parses as JSON (`lr=1e-4`, `adam_betas=[0.9,0.98]`,
-`emd=false`), else a string (`mode=pipeline`).
+`emd=false`), else a string (`mode=pipeline`). JSON's NaN and Infinity (and 1e999) parse as numbers that are
+not finite: a setting refuses them, naming the key (a NaN learning rate passes every `< 0` check and trains NaN).
 """
 import dataclasses
 import difflib
 import json
+import math
 import os
 import typing
 
@@ -100,6 +102,18 @@ def apply_overrides(values, items, option="--set"):
     return values
 
 
+def check_finite(values, where, path=""):
+    """Refuse a number that is not finite anywhere in a JSON tree, naming its dotted key after `where`."""
+    if isinstance(values, float) and not math.isfinite(values):
+        raise ConfigError(f"{where} {path!r} is {json.dumps(values)}: expected a finite number")
+    if isinstance(values, dict):
+        for key, value in values.items():
+            check_finite(value, where, f"{path}.{key}" if path else key)
+    elif isinstance(values, list):
+        for index, value in enumerate(values):
+            check_finite(value, where, f"{path}[{index}]")
+
+
 def closest(name, choices):
     """' (did you mean 'x'?)' for the closest of choices, or ''."""
     match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
@@ -126,7 +140,7 @@ def _describe(kind):
 
 def coerce(value, kind, where):
     """`value` as the annotated type `kind`, or a ConfigError naming `where`: an int is not a bool and not 1.5,
-    a float may be an int, a tuple is given as a list, Optional[X] accepts null."""
+    a float may be an int but not NaN or infinite, a tuple is given as a list, Optional[X] accepts null."""
     origin = typing.get_origin(kind)
     if origin is typing.Union:
         options = [a for a in typing.get_args(kind) if a is not type(None)]
@@ -141,6 +155,8 @@ def coerce(value, kind, where):
     elif kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+        if ok and not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {json.dumps(value)}")
     elif kind is str:
         ok = isinstance(value, str)
     elif kind is dict or origin is dict:

@@ -50,16 +50,21 @@ def add_arguments(parser):
 
 
 def task_from_env(num_shards=None, shard_index=None, environ=os.environ):
-    """(index, count) of this task: explicit values, else the Slurm array's, else (0, 1)."""
-    count = num_shards if num_shards is not None else int(environ.get("SLURM_ARRAY_TASK_COUNT", 1))
+    """(index, count) of this task: explicit values, else the Slurm array's, else (0, 1). A Slurm variable that
+    is not an integer is one line naming it."""
+    from pipeline.launch.env import env_int
+    count = num_shards if num_shards is not None else env_int(environ, "SLURM_ARRAY_TASK_COUNT", 1)
     if shard_index is not None:
-        index = shard_index
-    elif "SLURM_ARRAY_TASK_ID" in environ:
-        index = int(environ["SLURM_ARRAY_TASK_ID"]) - int(environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        index, source = shard_index, "--shard-index"
+    elif environ.get("SLURM_ARRAY_TASK_ID", "").strip():
+        index = env_int(environ, "SLURM_ARRAY_TASK_ID") - env_int(environ, "SLURM_ARRAY_TASK_MIN", 0)
+        source = "SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN"
     else:
-        index = 0
+        index, source = 0, "--shard-index"
     if not 0 <= index < count:
-        raise ConfigError(f"--shard-index {index} is not in [0, {count}) (--num-shards {count})")
+        counted = "SLURM_ARRAY_TASK_COUNT" if num_shards is None and environ.get("SLURM_ARRAY_TASK_COUNT", "").strip() \
+            else "--num-shards"
+        raise ConfigError(f"{source} gives task {index}, which is not in [0, {count}) ({counted} {count})")
     return index, count
 
 

@@ -166,7 +166,7 @@ def finetune(run):
     from pipeline.finetune.stepper import FinetuneStepper
     from pipeline.finetune.tasks import get_task
     from pipeline.io import atomic_json, make_dirs
-    from pipeline.launch.env import discover_env, setup_distributed
+    from pipeline.launch.env import check_master_addr, discover_env, setup_distributed
     from pipeline.run import loop
     from pipeline.run.checkpointer import Checkpointer
     from pipeline.run.ds_config import precision
@@ -175,6 +175,7 @@ def finetune(run):
 
     task, settings = get_task(run.task), run.settings
     env = discover_env()
+    check_master_addr(env)  # here, before the output directory exists
     rank, world_size = env.rank, env.world_size
     _, fields = batch_layout(settings, world_size)
     ds, ds_path = ds_config_for(run, fields)

@@ -1,9 +1,11 @@
 """`deberta-ds launch env|check`: what this process discovered about its launch, and a smoke test of it.
 
   env    print the discovered environment (rank, world size, master, source) as JSON
-  check  discover, export, init torch.distributed (gloo), all_reduce the ranks and print one `LAUNCH_CHECK ...`
-         line per rank (slurm/smoke.sbatch runs it). Under `mpirun` with mpi4py installed it also compares the
-         discovered rank and size with MPI's own (`mpi_check=ok`); the launch discovery never needs mpi4py.
+  check  discover, export, resolve MASTER_ADDR, meet at a rendezvous with a deadline (--timeout, default 60 s;
+         pipeline/launch/rendezvous.py: a missing rank or an unreachable rank 0 is one line naming it), init
+         torch.distributed (gloo) on it, all_reduce the ranks and print one `LAUNCH_CHECK ...` line per rank
+         (slurm/smoke.sbatch runs it). Under `mpirun` with mpi4py installed it also compares the discovered rank
+         and size with MPI's own (`mpi_check=ok`); the launch discovery never needs mpi4py.
 """
 import dataclasses
 import json
@@ -11,23 +13,27 @@ import os
 import socket
 import sys
 
+from pipeline.cli_types import positive_float
 from pipeline.errors import LaunchError
-from pipeline.launch.env import apply_runtime_defaults, discover_env, export_env
+from pipeline.launch.env import apply_runtime_defaults, check_master_addr, discover_env, export_env
 
 
 def add_arguments(parser):
     parser.add_argument("what", choices=["env", "check"],
                         help="env: print the discovered environment as JSON; check: gloo all_reduce smoke test")
+    parser.add_argument("--timeout", type=positive_float, default=60.0,
+                        help="check: seconds every rank may take to arrive, and each collective after (default "
+                        "%(default)g); then the check fails naming the ranks that did not arrive")
 
 
 def run(args):
     if args.what == "env":
         print(json.dumps(dataclasses.asdict(discover_env()), sort_keys=True))
         return 0
-    main_check()
+    main_check(args.timeout)
 
 
-def main_check():
+def main_check(timeout_s=60.0):
     """Smoke test of a launch: every rank all_reduces its rank over gloo and prints one line.
 
     Exits with os._exit after flushing: torch's gloo teardown sometimes aborts at interpreter exit
@@ -35,13 +41,19 @@ def main_check():
     """
     import datetime
 
+    env = discover_env()
+    check_master_addr(env)  # before importing torch: a bad address is named in well under a second
+
     import torch
     import torch.distributed as dist
 
-    env = export_env(discover_env())
+    from pipeline.launch.rendezvous import rendezvous
+
+    export_env(env)
     apply_runtime_defaults(env)
-    dist.init_process_group("gloo", init_method="env://", rank=env.rank, world_size=env.world_size,
-                            timeout=datetime.timedelta(seconds=120))
+    store = rendezvous(env, timeout_s)
+    dist.init_process_group("gloo", store=store, rank=env.rank, world_size=env.world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
     total = torch.tensor([env.rank], dtype=torch.int64)
     dist.all_reduce(total)
     dist.barrier()

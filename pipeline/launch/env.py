@@ -32,6 +32,11 @@ rendezvous read. Sources, first match wins:
    steps of one job running at the same time must set MASTER_PORT themselves.
 5. ``single``: none of the above: rank 0 of 1 at 127.0.0.1, on MASTER_PORT or a free port.
 
+A bad variable is one line naming it and its value (LaunchError): an integer that is not one, a MASTER_PORT
+outside 1-65535, a node list that is not a Slurm hostlist (`node[1-2`, `node]`: scontrol would pass `node]`
+through as a host). `setup_distributed` resolves MASTER_ADDR before torch's rendezvous, which retries an
+unknown host for minutes before it says anything.
+
 `apply_runtime_defaults(env)` then sets, only where unset (os.environ.setdefault):
 - OMP_NUM_THREADS = SLURM_CPUS_PER_TASK if set (divided by the ranks on this node when a launcher
   such as the deepspeed launcher runs as one Slurm task per node and starts the ranks itself), else the CPUs this process may use divided by the
@@ -80,7 +85,9 @@ class DistEnv:
     source: str  # env | openmpi | pmi | slurm | single
 
 
-def _int(environ, name, default=None):
+def env_int(environ, name, default=None):
+    """The integer in variable `name` (`default` when unset; None: it must be set); a LaunchError naming the
+    variable and its value otherwise."""
     value = environ.get(name, "")
     if value.strip() == "":
         if default is None:
@@ -92,6 +99,28 @@ def _int(environ, name, default=None):
         raise LaunchError(f"{name}={value!r} is not an integer") from None
 
 
+def env_port(environ, default):
+    """MASTER_PORT as a TCP port (1-65535), `default` when unset."""
+    if not environ.get("MASTER_PORT", "").strip():
+        return default
+    port = env_int(environ, "MASTER_PORT")
+    if not 1 <= port <= 65535:
+        raise LaunchError(f"MASTER_PORT={environ['MASTER_PORT']!r} is not a TCP port: give one in 1-65535 "
+                          "(unprivileged, and free on rank 0's host: 1024-65535)")
+    return port
+
+
+def check_master_addr(env):
+    """MASTER_ADDR resolves, or one line naming it: torch's rendezvous would retry an unknown host until its
+    timeout (minutes) before saying anything."""
+    try:
+        socket.getaddrinfo(env.master_addr, env.master_port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as error:
+        reason = getattr(error, "strerror", None) or error
+        raise LaunchError(f"MASTER_ADDR={env.master_addr!r} does not resolve ({reason}): set it to the host name or "
+                          "address of rank 0's node") from None
+
+
 def free_port(host="127.0.0.1"):
     """A TCP port nobody listens on right now (the kernel picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -99,14 +128,14 @@ def free_port(host="127.0.0.1"):
         return s.getsockname()[1]
 
 
-def parse_tasks_per_node(spec):
-    """Expand Slurm's compressed task counts: "2(x3),1" -> [2, 2, 2, 1]."""
+def parse_tasks_per_node(spec, name="tasks per node"):
+    """Expand Slurm's compressed task counts: "2(x3),1" -> [2, 2, 2, 1]. `name`: the variable it came from."""
     counts = []
     for part in spec.split(","):
         part = part.strip()
         m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part)
         if not m:
-            raise LaunchError(f"cannot parse tasks-per-node value {spec!r}")
+            raise LaunchError(f"{name}={spec!r} is not a Slurm task count list (e.g. '2(x3),1')")
         counts += [int(m.group(1))] * int(m.group(2) or 1)
     return counts
 
@@ -139,8 +168,41 @@ def first_host_fallback(hostlist):
     return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[-,]", m.group(1))[0], first)
 
 
-def slurm_hostnames(hostlist):
-    """All hosts of a Slurm hostlist, in order, via `scontrol show hostnames` (the authority)."""
+# A Slurm hostlist: comma-separated names of host characters and bracketed ranges, "gpu[07-09,12],rack[1-2]-n[01-04]"
+_HOST_CHARS = r"[A-Za-z0-9._-]+"
+_RANGES = r"\[\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*\]"
+_HOST_PATTERN = re.compile(rf"(?:{_HOST_CHARS}|{_RANGES})+")
+
+
+def check_hostlist(hostlist, name):
+    """Refuse, naming `name` (the variable or option it came from), what is not a Slurm hostlist: scontrol
+    passes `node]` through as a host name, and a hostfile or MASTER_ADDR with it fails much later."""
+    def refuse(why):
+        raise LaunchError(f"{name}={hostlist!r} is not a Slurm hostlist: {why} (e.g. 'node[01-04],gpu7')")
+    depth = 0
+    for ch in hostlist:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth < 0:
+            refuse("a ']' without its '['")
+        if depth > 1:
+            refuse("a '[' inside brackets")
+    if depth:
+        refuse("a '[' without its ']'")
+    parts = _split_top_level(hostlist)
+    if not parts:
+        refuse("no host")
+    for part in parts:
+        if not _HOST_PATTERN.fullmatch(part):
+            refuse(f"{part!r} is not a host name with [ranges]")
+        for low, high in re.findall(r"(\d+)-(\d+)", "".join(re.findall(_RANGES, part))):
+            if int(low) > int(high):
+                refuse(f"the range {low}-{high} runs backwards")
+
+
+def slurm_hostnames(hostlist, name="SLURM_JOB_NODELIST"):
+    """All hosts of a Slurm hostlist, in order, via `scontrol show hostnames` (the authority). `name`: where
+    the hostlist came from, for messages."""
+    check_hostlist(hostlist, name)
     try:
         out = subprocess.run(
             ["scontrol", "show", "hostnames", hostlist],
@@ -149,31 +211,33 @@ def slurm_hostnames(hostlist):
     except FileNotFoundError:
         raise LaunchError("scontrol not found: is this a Slurm node?") from None
     except subprocess.CalledProcessError as e:
-        raise LaunchError(f"scontrol show hostnames {hostlist} failed: {e.stderr.strip()}") from None
+        last = (e.stderr.strip().splitlines() or ["no message"])[-1]  # scontrol's errors come last
+        raise LaunchError(f"scontrol show hostnames {hostlist} ({name}) failed: {last}") from None
     hosts = out.split()
     if not hosts:
         raise LaunchError(f"scontrol show hostnames {hostlist} printed nothing")
     return hosts
 
 
-def _first_slurm_host(hostlist):
+def _first_slurm_host(hostlist, name):
+    check_hostlist(hostlist, name)
     try:
-        return slurm_hostnames(hostlist)[0]
+        return slurm_hostnames(hostlist)[0]  # checked above; its failure is not shown (the fallback parses)
     except LaunchError:
         return first_host_fallback(hostlist)
 
 
 def _from_env(environ):
-    rank = _int(environ, "RANK")
-    world = _int(environ, "WORLD_SIZE")
-    local_rank = _int(environ, "LOCAL_RANK", 0)
-    local_world = _int(environ, "LOCAL_WORLD_SIZE", _int(environ, "LOCAL_SIZE", 0))
+    rank = env_int(environ, "RANK")
+    world = env_int(environ, "WORLD_SIZE")
+    local_rank = env_int(environ, "LOCAL_RANK", 0)
+    local_world = env_int(environ, "LOCAL_WORLD_SIZE", env_int(environ, "LOCAL_SIZE", 0))
     if local_world <= 0:
         # The launcher did not say: assume one host (a user's own RANK/WORLD_SIZE on a workstation).
         local_world = world
     for name in ("GROUP_RANK", "CROSS_RANK", "NODE_RANK"):
         if environ.get(name, "").strip():
-            node_rank = _int(environ, name)
+            node_rank = env_int(environ, name)
             break
     else:
         node_rank = rank // max(local_world, 1)
@@ -187,22 +251,22 @@ def _from_env(environ):
         rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world,
         node_rank=node_rank,
         master_addr=environ.get("MASTER_ADDR") or "127.0.0.1",
-        master_port=_int(environ, "MASTER_PORT", TORCH_DEFAULT_PORT),
+        master_port=env_port(environ, TORCH_DEFAULT_PORT),
         source=launcher,
     )
 
 
 def _from_openmpi(environ):
-    rank = _int(environ, "OMPI_COMM_WORLD_RANK")
-    world = _int(environ, "OMPI_COMM_WORLD_SIZE")
-    local_rank = _int(environ, "OMPI_COMM_WORLD_LOCAL_RANK", 0)
-    local_world = _int(environ, "OMPI_COMM_WORLD_LOCAL_SIZE", world)
+    rank = env_int(environ, "OMPI_COMM_WORLD_RANK")
+    world = env_int(environ, "OMPI_COMM_WORLD_SIZE")
+    local_rank = env_int(environ, "OMPI_COMM_WORLD_LOCAL_RANK", 0)
+    local_world = env_int(environ, "OMPI_COMM_WORLD_LOCAL_SIZE", world)
     addr = environ.get("MASTER_ADDR")
     if not addr:
         if local_world == world:
             addr = "127.0.0.1"
         elif environ.get("SLURM_JOB_NODELIST"):
-            addr = _first_slurm_host(environ["SLURM_JOB_NODELIST"])
+            addr = _first_slurm_host(environ["SLURM_JOB_NODELIST"], "SLURM_JOB_NODELIST")
         else:
             raise LaunchError(
                 "Open MPI ranks on several hosts but MASTER_ADDR is not set: "
@@ -217,16 +281,16 @@ def _mpi_env(environ, rank, world, local_rank, local_world, addr, source):
         rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world,
         node_rank=rank // max(local_world, 1),
         master_addr=addr,
-        master_port=_int(environ, "MASTER_PORT", TORCH_DEFAULT_PORT),
+        master_port=env_port(environ, TORCH_DEFAULT_PORT),
         source=source,
     )
 
 
 def _from_pmi(environ):
-    rank = _int(environ, "PMI_RANK")
-    world = _int(environ, "PMI_SIZE")
-    local_rank = _int(environ, "MPI_LOCALRANKID", rank)
-    local_world = _int(environ, "MPI_LOCALNRANKS", world)
+    rank = env_int(environ, "PMI_RANK")
+    world = env_int(environ, "PMI_SIZE")
+    local_rank = env_int(environ, "MPI_LOCALRANKID", rank)
+    local_world = env_int(environ, "MPI_LOCALNRANKS", world)
     addr = environ.get("MASTER_ADDR")
     if not addr:
         if local_world != world:
@@ -243,36 +307,34 @@ def _in_slurm_step(environ):
 def _slurm_world_size(environ):
     for name in ("SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_NPROCS"):
         if environ.get(name, "").strip():
-            return _int(environ, name)
+            return env_int(environ, name)
     raise LaunchError("inside a Slurm step but SLURM_NTASKS is not set")
 
 
 def _from_slurm(environ):
-    rank = _int(environ, "SLURM_PROCID")
+    rank = env_int(environ, "SLURM_PROCID")
     world = _slurm_world_size(environ)
-    node_rank = _int(environ, "SLURM_NODEID", 0)
+    node_rank = env_int(environ, "SLURM_NODEID", 0)
     # The step's own layout first: a step may use fewer tasks per node than the job.
     for name in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
         spec = environ.get(name, "").strip()
         if spec:
-            counts = parse_tasks_per_node(spec)
+            counts = parse_tasks_per_node(spec, name)
             local_world = counts[node_rank] if node_rank < len(counts) else counts[-1]
             break
     else:
         local_world = 1
     addr = environ.get("MASTER_ADDR")
     if not addr:
-        nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
-        if not nodelist:
+        name = next((n for n in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST") if environ.get(n)), None)
+        if name is None:
             raise LaunchError("inside a Slurm step but SLURM_JOB_NODELIST is not set; set MASTER_ADDR")
-        addr = _first_slurm_host(nodelist)
-    port = environ.get("MASTER_PORT", "").strip()
-    if port:
-        port = _int(environ, "MASTER_PORT")
-    else:
-        port = SLURM_PORT_BASE + _int(environ, "SLURM_JOB_ID", _int(environ, "SLURM_JOBID", 0)) % SLURM_PORT_SPAN
+        addr = _first_slurm_host(environ[name], name)
+    port = env_port(environ, None)
+    if port is None:
+        port = SLURM_PORT_BASE + env_int(environ, "SLURM_JOB_ID", env_int(environ, "SLURM_JOBID", 0)) % SLURM_PORT_SPAN
     return DistEnv(
-        rank=rank, world_size=world, local_rank=_int(environ, "SLURM_LOCALID", 0),
+        rank=rank, world_size=world, local_rank=env_int(environ, "SLURM_LOCALID", 0),
         local_world_size=local_world, node_rank=node_rank,
         master_addr=addr, master_port=port, source="slurm",
     )
@@ -292,7 +354,7 @@ def discover_env(environ=None):
     elif environ.get("PMI_RANK", "").strip() and environ.get("PMI_SIZE", "").strip() and not (
         # srun --mpi=pmi2 sets PMI_* consistent with Slurm's: then Slurm's say more. They differ
         # under hydra, which (like mpirun) starts one proxy per node with srun.
-        _in_slurm_step(environ) and _int(environ, "PMI_SIZE") == _slurm_world_size(environ)
+        _in_slurm_step(environ) and env_int(environ, "PMI_SIZE") == _slurm_world_size(environ)
     ):
         env = _from_pmi(environ)
     elif _in_slurm_step(environ):
@@ -301,7 +363,7 @@ def discover_env(environ=None):
         env = DistEnv(
             rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0,
             master_addr=environ.get("MASTER_ADDR") or "127.0.0.1",
-            master_port=_int(environ, "MASTER_PORT", 0) or free_port(),
+            master_port=env_port(environ, None) or free_port(),
             source="single",
         )
     if not (0 <= env.rank < env.world_size) or not (0 <= env.local_rank < max(env.local_world_size, 1)):
@@ -332,7 +394,7 @@ def apply_runtime_defaults(env, environ=None):
     Returns the dict of variables it set (empty when all were already set).
     """
     environ = os.environ if environ is None else environ
-    cpus = _int(environ, "SLURM_CPUS_PER_TASK", 0)
+    cpus = env_int(environ, "SLURM_CPUS_PER_TASK", 0)
     if cpus > 0 and env.source != "slurm":
         # A launcher (deepspeed --no_ssh, torchrun) running as ONE Slurm task per node started
         # several ranks: they share that task's CPUs.
@@ -374,6 +436,7 @@ def setup_distributed(local_rank=None):
     env = discover_env()
     if local_rank is not None and env.source == "single":
         env.local_rank = local_rank
+    check_master_addr(env)
     export_env(env)
     apply_runtime_defaults(env)
     import deepspeed

@@ -3,7 +3,7 @@ import os
 
 from pipeline.errors import LaunchError
 from pipeline.io import atomic_write
-from pipeline.launch.env import _int, parse_tasks_per_node, slurm_hostnames
+from pipeline.launch.env import env_int, parse_tasks_per_node, slurm_hostnames
 from pipeline.cli_types import positive_int
 
 
@@ -25,12 +25,12 @@ def hostfile_slots(hosts, environ, slots=None):
             raise LaunchError(f"--slots must be at least 1, got {slots}")
         return [slots] * len(hosts)
     for name in ("SLURM_GPUS_ON_NODE", "SLURM_NTASKS_PER_NODE"):
-        n = _int(environ, name, 0)
+        n = env_int(environ, name, 0)
         if n > 0:
             return [n] * len(hosts)
     spec = environ.get("SLURM_TASKS_PER_NODE", "").strip()
     if spec:
-        counts = parse_tasks_per_node(spec)
+        counts = parse_tasks_per_node(spec, "SLURM_TASKS_PER_NODE")
         if len(counts) == len(hosts):
             return counts
     return [1] * len(hosts)
@@ -45,11 +45,12 @@ def write_hostfile(path, hosts, slots):
 
 def run(args, environ=None):
     environ = os.environ if environ is None else environ
-    nodelist = args.nodelist or environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
-    if not nodelist:
+    name = "--nodelist" if args.nodelist else next((n for n in ("SLURM_JOB_NODELIST", "SLURM_NODELIST")
+                                                    if environ.get(n)), None)
+    if name is None:
         raise LaunchError("not inside a Slurm allocation (SLURM_JOB_NODELIST is not set). Run it in an "
                           "sbatch/salloc job, or pass --nodelist.")
-    hosts = slurm_hostnames(nodelist)
+    hosts = slurm_hostnames(args.nodelist or environ[name], name)
     text = write_hostfile(args.output, hosts, hostfile_slots(hosts, environ, args.slots))
     print(f"wrote {args.output}: {len(hosts)} hosts, {sum(int(l.rsplit('=', 1)[1]) for l in text.splitlines())} slots")
     return 0

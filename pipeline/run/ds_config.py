@@ -7,12 +7,16 @@ must equal the trainer's value, else the run is refused naming both values. Prec
 pretraining and everything else live in the DeepSpeed config. The optimizer and the LR schedule come from
 the trainer (pipeline/run/optim.py), so "optimizer" and "scheduler" sections are refused. DeepSpeed ignores a
 top-level key it does not know (`gradient_clippingg` trains without clipping): here such a key is refused,
-naming the closest known one.
+naming the closest known one. Keys and values inside the sections DeepSpeed builds as pydantic models are
+checked against the running DeepSpeed's own models (pipeline/run/ds_schema.py), so `zero_optimization.stgae` is
+refused here, in one line, not by DeepSpeed after the run directory exists; a number that is not finite (NaN,
+Infinity) is refused anywhere in the config.
 """
 import copy
 
+from pipeline.run.ds_schema import check_sections
 from pipeline.errors import ConfigError
-from pipeline.settings import apply_overrides, closest, config_file, read_json
+from pipeline.settings import apply_overrides, check_finite, closest, config_file, read_json
 
 # The top-level keys DeepSpeed 0.19.8 reads (deepspeed/runtime/config.py and the configs it builds), besides
 # the ones it has removed and refuses itself (curriculum_learning, eigenvalue, elasticity, ...).
@@ -34,7 +38,7 @@ IGNORED_KEYS = ("comment",)  # ours: a note in the file
 
 def load_ds_config(name_or_path, overrides=()):
     """The DeepSpeed config file (by path, or a shipped name such as zero3_bf16) with `--ds` overrides,
-    every top-level key known to DeepSpeed."""
+    every key known to DeepSpeed (nested ones where DeepSpeed gives a schema), every number finite."""
     path = config_file(name_or_path, "deepspeed")
     ds = apply_overrides(read_json(path, "DeepSpeed config"), overrides, option="--ds")
     for key in ds:
@@ -42,7 +46,10 @@ def load_ds_config(name_or_path, overrides=()):
             raise ConfigError(f"{path}: unknown DeepSpeed setting {key!r}{closest(key, KNOWN_KEYS)}; DeepSpeed "
                               "would ignore it")
     ds.pop("comment", None)
-    check_shapes(ds, f"{path} with --ds" if overrides else path)  # a bad value may come from either
+    source = f"{path} with --ds" if overrides else path  # a bad value may come from either
+    check_finite(ds, f"{source}: DeepSpeed setting")
+    check_shapes(ds, source)
+    check_sections(ds, source)
     return ds, path
 
 

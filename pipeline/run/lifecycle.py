@@ -13,18 +13,25 @@ Exit codes: 0 done; 1 bad input (one line `error: ...`); 2 usage (argparse); 3 n
 checkpointed after SIGTERM/SIGUSR1 (EX_TEMPFAIL: run the same command again to continue; the Slurm scripts
 requeue on it).
 """
+import contextlib
 import datetime
+import errno
 import json
 import os
 import signal
 import socket
 import sys
+import tempfile
+import time
 
-from pipeline.errors import RunLockedError
+from pipeline.errors import OutputError, RunLockedError
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_USAGE, EXIT_NONFINITE, EXIT_REQUEUE = 0, 1, 2, 3, 75
 FAULT_VARIABLE = "DEBERTA_DS_FAULT"
 LOCK_FILE = "deberta-ds.lock"
+UNREADABLE_GRACE_S = 1.0  # how long an empty or damaged lock is read again before it is judged left over
+# os.link's errors on a file system without hard links: the lock is then created with O_EXCL and written
+NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
 
 
 class StopFlag:
@@ -241,11 +248,17 @@ def _alive(pid):
 
 
 class RunLock:
-    """DIR/deberta-ds.lock, created atomically (O_EXCL) by the run that uses DIR, holding its host, pid, process
-    start, Slurm job and command. A second run is refused with the holder's identity. A lock left by a run
-    that is gone is taken over with a message: its holder's pid is dead (or reused) on this host, or the
-    holder was this same Slurm job before a requeue. Released when the run ends; a run killed with SIGKILL
-    leaves it, and the next run on the same host takes it over."""
+    """DIR/deberta-ds.lock, holding the host, pid, process start, Slurm job and command of the run that uses DIR.
+    A second run is refused with the holder's identity. A lock left by a run that is gone is taken over with a
+    message: its holder's pid is dead (or reused) on this host, or the holder was this same Slurm job before a
+    requeue. Released when the run ends; a run killed with SIGKILL leaves it, and the next run on the same host
+    takes it over.
+
+    The lock is complete or absent: the identity is written to a temporary file, which is then hard-linked to
+    the lock's name (the link fails if the name exists: O_EXCL's semantics). A write that fails (a full disk)
+    leaves no lock. Older builds created the lock empty and then wrote it, so a failed write left an empty lock
+    that refused every later run: a lock that stays empty or is not a JSON record for UNREADABLE_GRACE_S (no
+    writer of this build ever shows one) is taken over with a message saying what it held."""
 
     held = []
 
@@ -266,43 +279,108 @@ class RunLock:
             if lock._create():
                 cls.held.append(lock)
                 return lock, None
-            holder = lock._read()
-            if holder is None:
-                continue  # the holder is between creating and writing, or just released it
+            raw = lock._settled_content()
+            if raw is None:
+                continue  # just released
+            holder = parse_holder(raw)
             reason = lock._stale(holder)
             if reason is None:
                 raise RunLockedError(
                     f"{directory}: in use by another {what} ({describe(holder)}); two runs in one directory would "
                     f"overwrite each other's checkpoints and metrics. Use another directory, or if that run is gone "
                     f"(a node that crashed), delete {lock.path}")
-            try:  # only one of several processes taking over can rename the stale lock away
-                os.rename(lock.path, f"{lock.path}.stale.{os.getpid()}")
-            except FileNotFoundError:
-                continue
-            os.unlink(f"{lock.path}.stale.{os.getpid()}")
-            if lock._create():
+            if lock._remove_stale(raw) and lock._create():
                 cls.held.append(lock)
                 return lock, f"{directory}: took over the lock of a {what} that is gone ({describe(holder)}: {reason})"
         raise RunLockedError(f"{lock.path}: could not take the lock (other processes keep taking it)")
 
     def _create(self):
+        """True when this process now holds the lock, False when a lock exists."""
+        data = json.dumps(self.identity).encode()
+        try:
+            handle, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{LOCK_FILE}.", suffix=".tmp")
+        except OSError as error:
+            raise OutputError(f"{self.path}: cannot write the run lock ({error.strerror or error})") from None
+        try:
+            with os.fdopen(handle, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                return False
+            except OSError as error:
+                if error.errno not in NO_HARD_LINKS:
+                    raise
+                return self._create_exclusive(data)
+            return True
+        except OSError as error:
+            raise OutputError(f"{self.path}: cannot write the run lock ({error.strerror or error})") from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def _create_exclusive(self, data):
+        """A file system without hard links: create with O_EXCL and write; a failed write removes the lock."""
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(self.identity, f)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        except OSError:
+            os.unlink(self.path)
+            raise
+        finally:
+            os.close(fd)
         return True
 
-    def _read(self):
+    def _content(self):
+        """The lock's bytes, or None when there is none."""
         try:
-            with open(self.path, encoding="utf-8") as f:
-                return json.load(f)
-        except (FileNotFoundError, json.JSONDecodeError):
+            with open(self.path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
             return None
+        except OSError as error:
+            raise RunLockedError(f"{self.path}: cannot read the run lock ({error.strerror or error}); if no run uses "
+                                 f"{self.directory}, delete it") from None
+
+    def _settled_content(self):
+        """The lock's bytes; an unreadable lock is read again for UNREADABLE_GRACE_S (an older build's writer
+        may be between creating and writing it), then returned as it is."""
+        raw = self._content()
+        deadline = time.monotonic() + UNREADABLE_GRACE_S
+        while raw is not None and "unreadable" in parse_holder(raw) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            raw = self._content()
+        return raw
+
+    def _remove_stale(self, raw):
+        """Move the stale lock (content `raw`) away; False when another process took it over in between (its new
+        lock is put back)."""
+        aside = f"{self.path}.stale.{os.getpid()}"
+        try:  # only one of several processes taking over can rename the stale lock away
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return False
+        try:
+            with open(aside, "rb") as f:
+                if f.read() == raw:
+                    return True
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.path)  # a fresh lock that was not the one judged stale
+            return False
+        finally:
+            os.unlink(aside)
 
     def _stale(self, holder):
         """Why the holder is gone, or None if it may still run."""
+        if "unreadable" in holder:
+            return holder["unreadable"]
         job = os.environ.get("SLURM_JOB_ID")
         if job and holder.get("slurm_job_id") == job:
             return "the same Slurm job, requeued"
@@ -317,11 +395,9 @@ class RunLock:
         return None
 
     def release(self):
-        if self._read() == self.identity:
-            try:
+        if parse_holder(self._content() or b"") == self.identity:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass
         if self in RunLock.held:
             RunLock.held.remove(self)
 
@@ -331,7 +407,22 @@ class RunLock:
             lock.release()
 
 
+def parse_holder(raw):
+    """The holder's identity from the lock's bytes, or {"unreadable": why} for an empty or damaged lock."""
+    if not raw.strip():
+        return {"unreadable": "the lock file is empty, as an older build left it when writing it failed (a full disk)"}
+    try:
+        holder = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        holder = None
+    if not isinstance(holder, dict):
+        return {"unreadable": f"the lock file ({len(raw)} bytes) is not a lock record"}
+    return holder
+
+
 def describe(holder):
+    if "unreadable" in holder:
+        return "holder unknown"
     parts = [f"host {holder.get('host')}", f"pid {holder.get('pid')}"]
     if holder.get("slurm_job_id"):
         parts.append(f"Slurm job {holder['slurm_job_id']}")

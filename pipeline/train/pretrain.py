@@ -55,12 +55,14 @@ def quiet_known_warnings():
 
 
 def run(args):
-    from pipeline.launch.env import discover_env, setup_distributed
+    from pipeline.launch.env import check_master_addr, discover_env, setup_distributed
     from pipeline.train.preflight import check_job, prepare
     if args.check_only:
         return check_job(args)
     quiet_known_warnings()
-    run_config, ds = prepare(args, discover_env().world_size)
+    env = discover_env()
+    check_master_addr(env)  # before prepare creates the run directory
+    run_config, ds = prepare(args, env.world_size)
     env = setup_distributed()
     return run_and_finish(train, run_config, ds, env, args.accept_data_change)
 

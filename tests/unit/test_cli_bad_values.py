@@ -83,6 +83,17 @@ SEMANTIC = [
     (["pretrain", "--set", "max_step=3"], "unknown setting 'max_step' (did you mean 'max_steps'?)"),
     (["pretrain", "--set", "lr"], "--set 'lr': expected KEY=VALUE"),
     (["pretrain", "--ds", "gradient_clippingg=1.0"], "unknown DeepSpeed setting 'gradient_clippingg' (did you mean 'gradient_clipping'?)"),
+    (["pretrain", "--ds", "zero_optimization.stgae=3"],
+     "unknown DeepSpeed setting 'zero_optimization.stgae' (did you mean 'stage'?)"),
+    (["pretrain", "--ds", "gradient_clipping=NaN"], "DeepSpeed setting 'gradient_clipping' is NaN: expected a finite number"),
+    (["pretrain", "--set", "lr=NaN"], "lr: expected a finite number, got NaN"),
+    (["pretrain", "--set", "lr=Infinity"], "lr: expected a finite number, got Infinity"),
+    (["pretrain", "--set", "adam_betas=[0.9,NaN]"], "adam_betas[1]: expected a finite number, got NaN"),
+    (["pretrain", "--set", "model_overrides.layer_norm_eps=-Infinity"], "layer_norm_eps: expected a finite number, got -Infinity"),
+    (["finetune", "--set", "lr=NaN"], "lr: expected a finite number, got NaN"),
+    (["finetune", "--set", "sift.vat_lambda=Infinity"], "sift: vat_lambda: expected a finite number, got Infinity"),
+    (["finetune", "--lr", "inf"], "argument --lr: must be a finite number, got inf"),
+    (["plan", "--set", "lr=NaN"], "lr: expected a finite number, got NaN"),
     (["pretrain", "--config", "tiny_cpux"], "tiny_cpux: no such run config file"),
     (["pretrain", "--set", "model_overrides.num_attention_heads=0"], "num_attention_heads must be positive, got 0"),
     (["pretrain", "--set", "model_overrides.conv_groups=0"], "conv_groups must be positive, got 0"),
@@ -127,3 +138,17 @@ def test_values_only_the_command_can_judge_are_refused_in_one_line(argv, message
     base = [a.format(tmp=tmp_path) for a in REQUIRED[command]]
     code, err = run_cli([command] + base + [a.format(tmp=tmp_path) for a in extra], capsys)
     one_line_error(code, err, message.format(tmp=tmp_path))
+
+
+def test_a_deepspeed_config_refused_inside_a_section_leaves_no_run_directory(tmp_path):
+    # a typo inside a section passed the checks and DeepSpeed refused it after the run directory existed
+    from tests.helpers.pretrain import cli as run_deberta_ds
+    data = tmp_path / "shards"
+    data.mkdir()
+    (data / "spm.model").write_bytes(b"")  # the preflight checks only that it exists
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"fp16": {"enabledd": true}}')
+    done = run_deberta_ds("pretrain", "--config", "tiny_cpu", "--deepspeed", str(ds), "--data-dir", str(data),
+                          "--output-dir", str(tmp_path / "run"), timeout=300)
+    one_line_error(done.returncode, done.stderr, f"{ds}: unknown DeepSpeed setting 'fp16.enabledd' (did you mean 'enabled'?)")
+    assert done.returncode == 1 and not (tmp_path / "run").exists()

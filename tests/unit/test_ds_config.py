@@ -79,3 +79,55 @@ def test_the_run_config_completion_adds_each_modes_own_checks():
     with pytest.raises(ConfigError, match="offload_optimizer to CPU needs optimizer 'cpu_adam'"):
         complete_for_run(run, load_ds_config("zero3_offload_bf16")[0], 2, "x")
     assert ds_config.precision(load_ds_config("zero3_bf16")[0]) == "bf16" and ds_config.zero_stage(ds) == 3
+
+
+def test_a_typo_inside_a_section_is_refused_with_its_dotted_path_and_the_closest_accepted_name(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text('{"fp16": {"enabledd": true}}')
+    with pytest.raises(ConfigError, match=rf"^{path}: unknown DeepSpeed setting 'fp16.enabledd' \(did you mean "
+                       r"'enabled'\?\); DeepSpeed \S+ would refuse it when the run starts$"):
+        load_ds_config(str(path))
+    for override, message in [
+        ("zero_optimization.stgae=3", "'zero_optimization.stgae' (did you mean 'stage'?)"),
+        ('zero_optimization.offload_optimizer.devcie="cpu"', "'zero_optimization.offload_optimizer.devcie' (did you mean 'device'?)"),
+        ("zero_optimization.stage3_prefetch_bucket_sise=1", "(did you mean 'stage3_prefetch_bucket_size'?)"),
+        ("bf16.enabeld=true", "'bf16.enabeld' (did you mean 'enabled'?)"),
+        ('tensorboard.output_pth="tb"', "'tensorboard.output_pth' (did you mean 'output_path'?)"),
+    ]:
+        with pytest.raises(ConfigError) as error:
+            load_ds_config("zero3_bf16", [override])
+        assert str(error.value).startswith(f"{ds_config.config_file('zero3_bf16', 'deepspeed')} with --ds: unknown "
+                                           f"DeepSpeed setting ") and message in str(error.value), str(error.value)
+
+
+def test_a_field_is_accepted_by_its_name_and_by_its_alias_and_a_bad_value_is_refused_naming_it():
+    ds, _ = load_ds_config("cpu_zero3_fp32", ["zero_optimization.prefetch_bucket_size=5",
+                                              'zero_optimization.offload_param.device="cpu"'])
+    assert ds["zero_optimization"]["prefetch_bucket_size"] == 5
+    ds, _ = load_ds_config("zero3_bf16")  # the alias, from the file
+    assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == 30000000
+    with pytest.raises(ConfigError, match=r"'zero_optimization.prefetch_bucket_size' is given twice, also as "
+                       r"'zero_optimization.stage3_prefetch_bucket_size' \(one is the other's alias\)"):
+        load_ds_config("zero3_bf16", ["zero_optimization.prefetch_bucket_size=5"])
+    with pytest.raises(ConfigError, match=r"DeepSpeed setting 'zero_optimization.offload_optimizer.device': Input "
+                       r"should be 'none', 'cpu' or 'nvme' \(got 'gpu'\)"):
+        load_ds_config("zero3_bf16", ['zero_optimization.offload_optimizer.device="gpu"'])
+    with pytest.raises(ConfigError, match=r"DeepSpeed setting 'fp16.loss_scale': fp16.loss_scale must be >= 0"):
+        load_ds_config("zero3_bf16", ["bf16.enabled=false", "fp16.loss_scale=-1"])
+
+
+@pytest.mark.parametrize("override, shown", [("gradient_clipping=NaN", "'gradient_clipping' is NaN"),
+                                             ("zero_optimization.reduce_bucket_size=Infinity",
+                                              "'zero_optimization.reduce_bucket_size' is Infinity"),
+                                             ("gradient_clipping=-1e999", "'gradient_clipping' is -Infinity")])
+def test_a_number_that_is_not_finite_is_refused_anywhere_in_the_deepspeed_config(override, shown):
+    with pytest.raises(ConfigError, match=re.escape(f"with --ds: DeepSpeed setting {shown}: expected a finite number")):
+        load_ds_config("zero3_bf16", [override])
+
+
+def test_each_schema_section_is_a_pydantic_model_of_the_installed_deepspeed_and_a_known_key():
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+    from pipeline.run.ds_schema import SECTION_MODELS, section_model
+    for section in SECTION_MODELS:
+        assert section in KNOWN_KEYS and issubclass(section_model(section), DeepSpeedConfigModel), section
+        assert section_model(section).model_config.get("extra") == "forbid", section  # DeepSpeed refuses extras too

@@ -247,3 +247,139 @@ def test_each_python_environment_gets_its_own_op_cache_where_none_is_set(tmp_pat
     kept = {"TORCH_EXTENSIONS_DIR": "/shared/ops"}
     launch.apply_runtime_defaults(env, kept)
     assert kept["TORCH_EXTENSIONS_DIR"] == "/shared/ops"
+
+
+# ---------------------------------------------------------------- bad variables: one line naming the variable
+@pytest.mark.parametrize("environ", [{"MASTER_PORT": "99999"}, {"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "0"},
+                                     slurm_step(MASTER_ADDR="h", MASTER_PORT="-1")])
+def test_a_master_port_outside_the_tcp_range_is_refused_naming_it(environ):
+    with pytest.raises(LaunchError, match=rf"^MASTER_PORT='{environ['MASTER_PORT']}' is not a TCP port: give one in 1-65535"):
+        discover_env(environ)
+
+
+def test_launch_env_with_a_bad_master_port_is_one_line(monkeypatch, capsys):
+    for name in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MASTER_PORT", "99999")
+    assert cli.main(["launch", "env"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: MASTER_PORT='99999' is not a TCP port: give one in 1-65535 (unprivileged, and free on rank 0's host: "
+        "1024-65535)"]
+
+
+@pytest.mark.parametrize("hostlist, why", [
+    ("node[1-2", "a '[' without its ']'"), ("node]", "a ']' without its '['"), ("n[1-[2]]", "a '[' inside brackets"),
+    ("node[2-1]", "the range 2-1 runs backwards"), ("node[a-b]", "'node[a-b]' is not a host name with [ranges]"),
+    ("node 1", "'node 1' is not a host name with [ranges]"), (",", "no host"),
+])
+def test_a_malformed_hostlist_is_refused_naming_the_variable_and_the_value(hostlist, why):
+    with pytest.raises(LaunchError) as error:
+        launch.check_hostlist(hostlist, "SLURM_JOB_NODELIST")
+    assert str(error.value) == f"SLURM_JOB_NODELIST={hostlist!r} is not a Slurm hostlist: {why} (e.g. 'node[01-04],gpu7')"
+
+
+@pytest.mark.parametrize("hostlist", ["node1", "node[1-2]", "gpu[07-09,12],cpu1", "rack[2-3]-n[010-011]", "a,b[1-3]",
+                                      "x[5,1-3]", "n-1.cluster_a"])
+def test_real_hostlists_pass_the_check(hostlist):
+    launch.check_hostlist(hostlist, "SLURM_JOB_NODELIST")
+
+
+def test_a_slurm_step_with_a_malformed_node_list_names_the_variable(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # the built-in parser took `node]` for a host before
+    with pytest.raises(LaunchError, match=r"^SLURM_STEP_NODELIST='node\]' is not a Slurm hostlist"):
+        discover_env(slurm_step(SLURM_STEP_NODELIST="node]"))
+    with pytest.raises(LaunchError, match=r"^SLURM_TASKS_PER_NODE='2\(x\)' is not a Slurm task count list"):
+        discover_env(slurm_step(MASTER_ADDR="h", SLURM_TASKS_PER_NODE="2(x)"))
+    with pytest.raises(LaunchError, match=r"^SLURM_PROCID='abc' is not an integer"):
+        discover_env(slurm_step(SLURM_PROCID="abc"))
+
+
+@pytest.mark.parametrize("nodelist", ["node[1-2", "node]"])
+def test_hostfile_with_a_malformed_nodelist_is_refused_and_writes_nothing(nodelist, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_NODELIST", nodelist)
+    assert cli.main(["hostfile", "--output", str(tmp_path / "hostfile")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: SLURM_JOB_NODELIST={nodelist!r} is not a Slurm hostlist: ") and \
+        len(err.splitlines()) == 1, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_preprocess_with_a_slurm_array_variable_that_is_no_integer_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "abc")
+    argv = ["preprocess", "--tokenizer", str(tmp_path / "spm.model"), "--output-dir", str(tmp_path / "shards"),
+            "--input", str(tmp_path / "none.txt")]
+    assert cli.main(argv) == 1
+    assert capsys.readouterr().err.splitlines() == ["error: SLURM_ARRAY_TASK_ID='abc' is not an integer"]
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    assert cli.main(argv) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN gives task 3, which is not in [0, 2) (SLURM_ARRAY_TASK_COUNT 2)"]
+
+
+def test_an_unresolvable_master_addr_is_named_before_any_rendezvous():
+    with pytest.raises(LaunchError, match=r"^MASTER_ADDR='no-such-host.invalid' does not resolve \("):
+        launch.check_master_addr(DistEnv(1, 2, 0, 1, 1, "no-such-host.invalid", 29500, "env"))
+    launch.check_master_addr(DistEnv(0, 1, 0, 1, 0, "127.0.0.1", 29500, "single"))
+
+
+# ---------------------------------------------------------------- launch check: a rendezvous with a deadline
+def launch_check(rank, world, port, timeout="1.5", addr="127.0.0.1"):
+    """`deberta-ds launch check` as rank `rank` of `world`, started in the background."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_"))}
+    environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR=addr, MASTER_PORT=str(port),
+                   PYTHONPATH=root, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "launch", "check", "--timeout", timeout], cwd=root,
+                            env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finished(process, limit=60):
+    out, err = process.communicate(timeout=limit)
+    return process.returncode, out, err
+
+
+def test_launch_check_names_the_ranks_that_did_not_arrive_within_its_timeout():
+    # a 3-rank job of which rank 2 was never started: ranks 0 and 1 both end in one line naming it
+    port = launch.free_port()
+    ranks = [launch_check(0, 3, port), launch_check(1, 3, port)]
+    for process in ranks:
+        code, out, err = finished(process)
+        assert code == 1 and out == "" and err.splitlines() == [
+            f"error: rank(s) 2 of 3 did not reach the rendezvous at 127.0.0.1:{port} within 1.5 s: check that every "
+            "rank was started and that all see the same WORLD_SIZE, MASTER_ADDR and MASTER_PORT (--timeout to wait "
+            "longer)"], err
+
+
+def test_launch_check_without_rank_0_or_with_an_unknown_master_ends_in_one_line():
+    port = launch.free_port()
+    code, _, err = finished(launch_check(1, 2, port))
+    assert code == 1 and err.splitlines() == [
+        f"error: rank 1 could not reach rank 0's rendezvous at 127.0.0.1:{port} within 1.5 s: is rank 0 running, and "
+        "do MASTER_ADDR/MASTER_PORT name its host and port?"], err
+    code, _, err = finished(launch_check(1, 2, port, addr="no-such-host.invalid"))
+    assert code == 1 and len(err.splitlines()) == 1 and err.startswith(
+        "error: MASTER_ADDR='no-such-host.invalid' does not resolve ("), err
+
+
+def test_launch_check_passes_when_every_rank_arrives():
+    port = launch.free_port()
+    ranks = [launch_check(r, 2, port, timeout="60") for r in (1, 0)]  # the order of starting does not matter
+    for process in ranks:
+        code, out, err = finished(process, limit=120)
+        assert code == 0 and "LAUNCH_CHECK" in out and "world_size=2" in out and "rank_sum=1" in out, err
+
+
+@pytest.mark.parametrize("argv", [["pretrain", "--config", "tiny_cpu", "--deepspeed", "cpu_zero3_fp32"],
+                                  ["finetune", "--task", "CB", "--release", "nowhere"]])
+def test_a_trainer_with_an_unresolvable_master_addr_stops_in_one_line_before_its_output_directory(argv, tmp_path, capsys,
+                                                                                                 monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "no-such-host.invalid")
+    assert cli.main(argv + ["--output-dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: MASTER_ADDR='no-such-host.invalid' does not resolve (") and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
