@@ -146,8 +146,16 @@ def run_identity(run, task, tokenizer, features, world_size):
     config_sha = hashlib.sha256(open(config, "rb").read()).hexdigest() if os.path.isfile(config) else None
     values = {"task": task.name, "start": os.path.abspath(run.start), "start_config_sha256": config_sha,
               "tokenizer_sha256": tokenizer.fingerprint, "train_features_sha256": ids.hexdigest(),
-              "settings": run.settings.to_dict(), "world_size": world_size}
+              "world_size": world_size}
+    values.update(flat("settings", run.settings.to_dict()))  # one key per setting: a difference names it
     return json.loads(json.dumps(values, default=str))
+
+
+def flat(prefix, values):
+    out = {}
+    for key, value in values.items():
+        out.update(flat(f"{prefix}.{key}", value) if isinstance(value, dict) else {f"{prefix}.{key}": value})
+    return out
 
 
 def check_same_run(meta, identity, source, fix):
@@ -165,7 +173,7 @@ def finetune(run):
     from pipeline.finetune.start import build_model, resolve_sift, set_cls_dropout
     from pipeline.finetune.stepper import FinetuneStepper
     from pipeline.finetune.tasks import get_task
-    from pipeline.io import atomic_json, make_dirs
+    from pipeline.io import atomic_json, check_output_identity, make_dirs
     from pipeline.launch.env import check_master_addr, discover_env, setup_distributed
     from pipeline.run import loop
     from pipeline.run.checkpointer import Checkpointer
@@ -200,7 +208,10 @@ def finetune(run):
 
     setup_distributed()
     lock_run_directory(run.output_dir, rank, "fine-tuning run")
-    check_finished_run(run, identity, rank)
+    # one record of what this directory holds (pipeline/io.py): another run's settings, data or start are refused
+    on_rank_zero(rank, check_output_identity, run.output_dir, "fine-tuning run", identity,
+                 "its best/ and metrics would be replaced: use another --output-dir, or add --overwrite to replace "
+                 "that run", run.overwrite)
     stepper = FinetuneStepper(model, ds, settings, train_features,
                               dict(lambda_=sift.vat_lambda if sift.enabled else 0.0, init=sift.vat_init_perturbation,
                                    step=sift.vat_learning_rate, ascent_loss=sift.vat_loss_fn), rank, world_size)
@@ -269,7 +280,7 @@ def finetune(run):
     epochs, best = results["epochs"], results["best"]
     summary = {"task": task.name, "start": run.start, "start_kind": "release" if run.release else "mnli",
                "data_dir": run.data_dir, "deepspeed_config": ds_path, "world_size": world_size,
-               "settings": settings.to_dict(), "identity": identity, "epochs": epochs,
+               "settings": settings.to_dict(), "epochs": epochs,
                "best": {"epoch": best["epoch"], "score": best["val"]["score"], "val": best["val"], "release": best_dir}}
     on_rank_zero(rank, atomic_json, os.path.join(run.output_dir, "metrics.json"), summary)
     checkpointer.remove_all()  # the run is complete: nothing to resume
@@ -279,23 +290,3 @@ def finetune(run):
               flush=True)
     torch.distributed.barrier()
     return EXIT_OK
-
-
-def check_finished_run(run, identity, rank):
-    """A directory holding a finished run (OUT/metrics.json) of another identity is refused, unless --overwrite."""
-    from pipeline.run.lifecycle import raise_on_every_rank
-    error = None
-    path = os.path.join(run.output_dir, "metrics.json")
-    if rank == 0 and not run.overwrite and os.path.exists(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                finished = json.load(f)
-            check_same_run({"run": finished.get("identity", {})}, identity, path,
-                           "its best/ and metrics would be replaced: use another --output-dir, or add --overwrite "
-                           "to replace that run")
-        except (OSError, ValueError) as e:
-            error = ConfigError(f"{path}: a finished run's metrics cannot be read ({e}); use another --output-dir, "
-                                "or add --overwrite")
-        except ConfigError as e:
-            error = e
-    raise_on_every_rank(error)

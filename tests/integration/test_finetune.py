@@ -98,7 +98,8 @@ def test_a_finished_run_is_not_replaced_by_one_of_other_settings(finetuned, tiny
                 *options, "--sift", "on", "--sift-lambda", "1.0")
     assert other.returncode == 1 and "Traceback" not in other.stderr, other.stderr[-3000:]
     errors = [line for line in other.stderr.splitlines() if line.startswith("error")]
-    assert len(errors) == 1 and "metrics.json: saved by a run with another settings" in errors[0], errors
+    assert len(errors) == 1 and "holds the output of a fine-tuning run of other inputs or settings" in errors[0], errors
+    assert "settings.lr: recorded 0.003, now 0.001" in errors[0]
     assert "--overwrite" in errors[0]
     assert open(os.path.join(out, "metrics.json"), encoding="utf-8").read() == before
 

@@ -152,4 +152,5 @@ def test_a_checkpoint_from_other_settings_is_refused(release, data, tmp_path):
     assert stopped.returncode == 75, explain(stopped)
     other = run_finetune(release, data, out, 1, ZERO2, "--micro-batch-size", "4", "--lr", "1e-3")
     assert other.returncode == 1
-    assert "saved by a run with another settings; remove" in other.stderr, explain(other)
+    assert "holds the output of a fine-tuning run of other inputs or settings (settings.lr: recorded" in other.stderr, \
+        explain(other)
