@@ -16,6 +16,7 @@ of 8 80 GB GPUs; tests/unit/test_plan.py checks that).
 """
 import dataclasses
 import math
+import os
 
 from pipeline.ds_config import check_ds_config
 from pipeline.errors import ConfigError
@@ -97,14 +98,29 @@ def seq_len_of(run):
     return ShardSet(run.data_dir).max_seq_len
 
 
-def choose_for_job(run, world_size, ranks_per_node, device, seq_len):
+def resumable_stages(run):
+    """The ZeRO stages this run can resume under: all without a checkpoint in its output directory; after one
+    written under ZeRO-3 (per-rank `zero_pp_rank_*_model_states.pt`) only 3; after ZeRO-1/2 (one
+    `mp_rank_*_model_states.pt`) 1 or 2, which partition the optimizer alike. DeepSpeed cannot load a checkpoint
+    of the other kind: another cluster shape must not turn a requeued run into a failed load."""
+    from pipeline.train.checkpoint import newest_complete
+    ckpt_dir = os.path.join(run.output_dir, "checkpoints")
+    tag = newest_complete(ckpt_dir)[0] if os.path.isdir(ckpt_dir) else None
+    if tag is None:
+        return plan.ZERO_STAGES, None
+    zero3 = any(name.startswith("zero_pp_rank_") and name.endswith("_model_states.pt")
+                for name in os.listdir(os.path.join(ckpt_dir, tag)))
+    return ((3,) if zero3 else (1, 2)), tag
+
+
+def choose_for_job(run, world_size, ranks_per_node, device, seq_len, zero_stages=plan.ZERO_STAGES):
     """The plan of this job and its choice (a plan row), or a ConfigError saying why nothing fits."""
     if run.optimizer == "cpu_adam":
         raise ConfigError("--deepspeed auto plans without offload, and optimizer 'cpu_adam' needs an offloading "
                           "config: give --deepspeed zero3_offload_bf16, or --set optimizer=adamw")
     per_node = ranks_per_node if world_size % ranks_per_node == 0 else world_size
     result = plan.plan(run, world_size // per_node, per_node, device.memory_gb, seq_len, run.pipeline_stages,
-                       element_bytes=4 if device.precision == "fp32" else 2)
+                       zero_stages, element_bytes=4 if device.precision == "fp32" else 2)
     if result["choice"] is None:
         raise ConfigError(f"--deepspeed auto: {plan.nothing_fits(result)}")
     return result, result["choice"]
@@ -117,7 +133,8 @@ def resolve(run, overrides, world_size, ranks_per_node=1, local_rank=0, announce
         raise ConfigError("--ds zero_optimization.stage with --deepspeed auto: the planner chooses the stage; give a "
                           "DeepSpeed config instead (e.g. --deepspeed zero3_bf16) to choose it yourself")
     device = device or local_device(ranks_per_node, local_rank)
-    result, row = choose_for_job(run, world_size, ranks_per_node, device, seq_len or seq_len_of(run))
+    stages, tag = resumable_stages(run)
+    result, row = choose_for_job(run, world_size, ranks_per_node, device, seq_len or seq_len_of(run), stages)
     ds = ds_config_for(row, run.model_config(), device)
     source = "--deepspeed auto" + (" with --ds" if overrides else "")
     ds = check_ds_config(apply_overrides(ds, overrides, option="--ds"), "--deepspeed auto", source)
@@ -126,7 +143,9 @@ def resolve(run, overrides, world_size, ranks_per_node=1, local_rank=0, announce
     if announce:
         print(f"deepspeed auto: {plan.describe(row)}, {device.precision} on {world_size} x {device.name} "
               f"({row['total_gb']:.3g} of {device.memory_gb:.3g} GiB per rank, seq {result['seq_len']}): "
-              f"{plan.RULE} {run.micro_batch_size} (`deberta-ds plan` shows the table)", flush=True)
+              f"{plan.RULE} {run.micro_batch_size}"
+              + (f", among ZeRO-{'/'.join(map(str, stages))}, which can load checkpoint {tag}" if tag else "")
+              + " (`deberta-ds plan` shows the table)", flush=True)
     return chosen, ds, source
 
 
@@ -138,8 +157,8 @@ def check_same_choice(run, ds, local_rank):
     from deepspeed.accelerator import get_accelerator
     from pipeline.ds_config import precision, zero_stage
     accelerator = get_accelerator()
-    if accelerator.device_name() != "cpu":
-        accelerator.set_device(local_rank)  # as the engine will; a collective needs each rank on its own device
+    if accelerator.device_name() != "cpu":  # as the engine will; a collective needs each rank on its own device
+        accelerator.set_device(local_rank % max(accelerator.device_count(), 1))
     mine = [zero_stage(ds), ("fp32", "fp16", "bf16").index(precision(ds)), run.micro_batch_size,
             int(run.activation_checkpointing)]
     extremes = torch.tensor(mine + [-v for v in mine], dtype=torch.int64, device=accelerator.current_device_name())

@@ -128,8 +128,9 @@ def micro_batches(run, dp):
 def candidates(run, gpus, stages, zero_stages, offload):
     """(mode, ZeRO stage, pipeline stages, data-parallel size) of each engine setup the plan considers."""
     setups = [("zero3", stage, 1, gpus) for stage in zero_stages]
-    # rtd trains in mode zero3 only; a pipeline needs its stages to divide the GPUs
-    if run.objective == "mlm" and 1 < stages and gpus % stages == 0 and not offload:
+    # rtd trains in mode zero3 only; a pipeline needs its stages to divide the GPUs (and one stage is shown only
+    # for a run in pipeline mode)
+    if run.objective == "mlm" and (stages > 1 or run.mode == "pipeline") and gpus % stages == 0 and not offload:
         setups.append(("pipeline", 1, stages, gpus // stages))
     return setups
 
@@ -144,8 +145,8 @@ def plan(run, nodes, gpus_per_node, gpu_memory_gb, seq_len, stages, zero_stages=
     layers = layers_run(run)
     scale = element_bytes / 2
     rows, notes = [], []
-    if run.mode == "pipeline" and (stages < 2 or gpus % stages):
-        notes.append(f"pipeline mode: pipeline_stages {stages} must be at least 2 and divide the {gpus} GPUs")
+    if run.mode == "pipeline" and gpus % stages:
+        notes.append(f"pipeline mode: pipeline_stages {stages} does not divide the {gpus} GPUs")
     for mode, stage, pipe_stages, dp in candidates(run, gpus, stages, zero_stages, offload):
         states = scale * (zero_states(stage, total, largest, gpus_per_node, nodes, offload) if mode == "zero3"
                           else pipeline_states(total, pipe_stages, dp))
@@ -196,7 +197,8 @@ def nothing_fits(result):
     if not mine:
         return "; ".join(result["notes"]) or f"no setup of mode {result['mode']} for {result['gpus']} GPUs"
     least = min(mine, key=lambda r: r["total_gb"])
-    return (f"nothing fits in {FIT_FRACTION:.0%} of {result['gpu_memory_gb']:.1f} GiB per device on {result['gpus']}: "
+    devices = f"{result['gpus']} device{'s' if result['gpus'] > 1 else ''}"
+    return (f"nothing fits in {FIT_FRACTION:.0%} of {result['gpu_memory_gb']:.3g} GiB on each of {devices}: "
             f"the smallest, {describe(least)}, needs {least['total_gb']:.1f} GiB. Use more devices, a shorter "
             "sequence, or offload (--deepspeed zero3_offload_bf16 --set optimizer=cpu_adam)")
 
@@ -217,7 +219,7 @@ def print_table(result):
     choice = result["choice"]
     print(f"rule: {result['rule']}")
     if choice:
-        print(f"chosen (mode {result['mode']}): {describe(choice)} ({choice['total_gb']:.1f} GiB of "
+        print(f"chosen (mode {result['mode']}): {describe(choice)} ({choice['total_gb']:.3g} GiB of "
               f"{result['gpu_memory_gb']:g}); `deberta-ds pretrain --deepspeed auto` on this shape uses it")
     else:
         print(f"chosen (mode {result['mode']}): {nothing_fits(result)}")
@@ -225,7 +227,7 @@ def print_table(result):
         pipe = choose(result["rows"], "pipeline")
         if pipe:
             print(f"pipeline mode (--set mode=pipeline --set pipeline_stages={pipe['stages']}): {describe(pipe)} "
-                  f"({pipe['total_gb']:.1f} GiB)")
+                  f"({pipe['total_gb']:.3g} GiB)")
 
 
 def run(args):

@@ -3,7 +3,7 @@ planner picks ZeRO-1 in fp32 (the tiny model fits anywhere) and the run trains a
 does: the engine changes, the losses do not."""
 import math
 
-from tests.helpers.pretrain import NO_DROPOUT, explain, losses, pretrain
+from tests.helpers.pretrain import NO_DROPOUT, cli, explain, losses, pretrain
 
 
 def test_auto_runs_the_planned_config_on_two_cpu_ranks(tiny_shards, tmp_path):
@@ -20,3 +20,12 @@ def test_auto_runs_the_planned_config_on_two_cpu_ranks(tiny_shards, tmp_path):
     assert sorted(planned) == [1, 2, 3] and all(math.isfinite(v) for v in planned.values())
     for step in planned:
         assert abs(planned[step] - explicit[step]) <= 1e-5, f"step {step}: {planned[step]} vs {explicit[step]}"
+    # a resumed run plans among the ZeRO stages that can load its checkpoint (DeepSpeed cannot load a ZeRO-3
+    # checkpoint under ZeRO-1/2, nor the reverse)
+    for run_dir, expected in (("zero3", "ZeRO-3"), ("auto", "ZeRO-1")):
+        check = cli("pretrain", "--check-only", "--nodes", "1", "--ranks-per-node", "2", "--config", "tiny_cpu",
+                    "--deepspeed", "auto", "--data-dir", str(tiny_shards), "--output-dir", str(tmp_path / run_dir))
+        assert check.returncode == 0, explain(check)
+        among = "ZeRO-3" if run_dir == "zero3" else "ZeRO-1/2"
+        assert f"deepspeed auto: {expected}, micro-batch 4" in check.stdout
+        assert f"among {among}, which can load checkpoint global_step3" in check.stdout

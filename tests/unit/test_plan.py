@@ -176,7 +176,7 @@ def test_auto_sets_micro_batch_recomputation_and_precision(capsys):
 
 def test_auto_refuses_what_it_cannot_plan():
     run = RunConfig.from_file("xxlarge")
-    with pytest.raises(ConfigError, match="nothing fits in 90% of 16.0 GiB per device on 1: the smallest, ZeRO-3, "
+    with pytest.raises(ConfigError, match="nothing fits in 90% of 16 GiB on each of 1 device: the smallest, ZeRO-3, "
                                           "micro-batch 1, activation recomputation, needs"):
         auto_ds.resolve(run, [], 1, 1, device=auto_ds.Device("cuda", "T4", 16.0, "fp16"), seq_len=512)
     with pytest.raises(ConfigError, match="the planner chooses the stage"):
