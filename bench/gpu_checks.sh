@@ -14,14 +14,16 @@
 #     (bench/zero_overhead.py, micro-batch 8, activation checkpointing as in part 4)
 #  7. fine-tuning the 1.5B: `deberta-ds finetune` against transformers.Trainer, ZeRO-2 bf16, and ReCoRD's cost
 #     (bench/finetune_gpu.sh; not in the default PARTS: about 15 minutes, an estimate, never run yet)
-# Data for 4-5: shards of the demo corpus in $GPU_DATA (512- and 128-token). ATTENTION_IMPL (part 3): auto,
+#  8. `--deepspeed auto` with the 1.5B recipe on one GPU: the planner's line (choice and estimated GiB) against the
+#     run's memory_gb (max_memory_allocated in GB of 1e9), bf16 chosen by the device, a few steps
+# Data for 4-5 and 8: shards of the demo corpus in $GPU_DATA (512- and 128-token). ATTENTION_IMPL (part 3): auto,
 # math, eager, sdpa (the default) or fused ("reference", the eager path's old name, is taken as eager).
 # DeepSpeed, pytest (part 0 imports tests/unit/test_fused_attention.py) and what they need beyond the
 # machine's image come as wheels in .whl/ when the machine has no network.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"
-PARTS="${PARTS:-0 1 2 3 4 5 6}"
+PARTS="${PARTS:-0 1 2 3 4 5 6 8}"
 mkdir -p "$OUT"
 GPU_DATA="${GPU_DATA:-.gpu_data}"
 ATTENTION_IMPL="${ATTENTION_IMPL:-sdpa}"
@@ -87,5 +89,14 @@ fi
 if part 7; then
     echo "== 7. fine-tuning the 1.5B against transformers.Trainer (bench/finetune_gpu.sh)"
     OUT="$OUT" bash bench/finetune_gpu.sh
+fi
+if part 8; then
+    echo "== 8. --deepspeed auto, the 1.5B recipe (micro-batch up to 16), 1 GPU"
+    rm -rf /tmp/run_auto
+    timeout 180 python3 -m torch.distributed.run --nproc_per_node 1 -m pipeline.cli pretrain \
+        --config xxlarge --deepspeed auto --data-dir "$GPU_DATA/shards512" --output-dir /tmp/run_auto \
+        --set global_batch_size=16 --set max_steps=4 --set log_interval=2 --set warmup_steps=2 \
+        2>&1 | grep -v "^\[20" | grep -E "^(deepspeed auto|pretrain:|step|error)" | tee "$OUT/pretrain_auto.txt"
+    rm -rf /tmp/run_auto
 fi
 ls -la "$OUT"

@@ -13,7 +13,7 @@ longer than the kernels it launches. This benchmark measures the whole step of e
 
 Engines are built by pipeline.train.modes.build_stepper (a Zero3Stepper, pipeline/train/zero3.py) and
 stepped by its train_step, as `deberta-ds pretrain` does, from the settings of configs/pretrain_xxlarge.json
-(EMD, activation checkpointing) and the ZeRO settings of --deepspeed (default: the shipped zero3_bf16,
+(EMD) with activation checkpointing (--no-checkpointing: without; the recipe now runs without it) and the ZeRO settings of --deepspeed (default: the shipped zero3_bf16,
 ds_configs/zero3_bf16.json); only the stage and the leaf setting change between variants. Each variant
 runs in a process of its own (world size 1), so none inherits another's allocations or hooks.
 

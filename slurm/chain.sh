@@ -6,7 +6,7 @@
 # a job); it returns as soon as everything is submitted.
 #
 #   WORK=/runs/xxl INPUT='/data/corpus/*.txt' TOKENIZER=/data/spm.model \
-#   RUN_CONFIG=configs/pretrain_xxlarge.json DS_CONFIG=ds_configs/zero3_bf16.json \
+#   RUN_CONFIG=configs/pretrain_xxlarge.json DS_CONFIG=ds_configs/zero1_bf16.json \
 #   PRETRAIN_SBATCH="--nodes=8 --ntasks-per-node=8 --gpus-per-node=8" slurm/chain.sh
 #
 # Settings (environment):
@@ -43,6 +43,7 @@ abs() { realpath -m -- "$1"; }
 WORK=$(abs "$WORK")
 for v in RUN_CONFIG DS_CONFIG; do
   [ -n "${!v:-}" ] || die "$v is not set"
+  [ "$v" = DS_CONFIG ] && [ "${!v}" = auto ] && continue  # planned by pretrain (--deepspeed auto)
   [ -f "${!v}" ] || die "$v=${!v}: no such file"
   printf -v "$v" '%s' "$(abs "${!v}")"
 done

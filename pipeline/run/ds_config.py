@@ -36,21 +36,32 @@ KNOWN_KEYS = (
 IGNORED_KEYS = ("comment",)  # ours: a note in the file
 
 
+AUTO = "auto"  # `deberta-ds pretrain --deepspeed auto`: the planner builds the config (pipeline/train/auto_ds.py)
+
+
 def load_ds_config(name_or_path, overrides=()):
     """The DeepSpeed config file (by path, or a shipped name such as zero3_bf16) with `--ds` overrides,
     every key known to DeepSpeed (nested ones where DeepSpeed gives a schema), every number finite."""
+    if name_or_path == AUTO:
+        raise ConfigError("--deepspeed auto: only `deberta-ds pretrain` plans its DeepSpeed config; give a file or "
+                          "the name of a shipped one here")
     path = config_file(name_or_path, "deepspeed")
     ds = apply_overrides(read_json(path, "DeepSpeed config"), overrides, option="--ds")
+    return check_ds_config(ds, path, f"{path} with --ds" if overrides else path), path
+
+
+def check_ds_config(ds, path, source):
+    """`ds` without its comment, every top-level key known to DeepSpeed and every section we read well-formed;
+    `path` names the file in messages, `source` the file and its overrides (a bad value may come from either)."""
     for key in ds:
         if key not in KNOWN_KEYS and key not in IGNORED_KEYS:
             raise ConfigError(f"{path}: unknown DeepSpeed setting {key!r}{closest(key, KNOWN_KEYS)}; DeepSpeed "
                               "would ignore it")
     ds.pop("comment", None)
-    source = f"{path} with --ds" if overrides else path  # a bad value may come from either
     check_finite(ds, f"{source}: DeepSpeed setting")
     check_shapes(ds, source)
     check_sections(ds, source)
-    return ds, path
+    return ds
 
 
 SECTIONS = ("zero_optimization", "fp16", "bf16", "bfloat16", "activation_checkpointing", "checkpoint", "pipeline",

@@ -1,35 +1,61 @@
-"""`deberta-ds plan`: per-GPU memory of a run on a cluster shape, for both engine modes and a range of
-micro-batch sizes, before anything is launched.
+"""`deberta-ds plan`: per-GPU memory of a run on a cluster shape, for ZeRO-1, 2 and 3 (mode zero3) and the
+pipeline mode, each micro-batch that divides the global batch up to the run's, with and without activation
+recomputation; and the fastest configuration that fits, by one rule (`choose`), which `deberta-ds pretrain
+--deepspeed auto` applies (pipeline/train/auto_ds.py).
 
-    deberta-ds plan --config configs/pretrain_xxlarge.json --nodes 2 --gpus-per-node 8 --gpu-memory-gb 80
+    deberta-ds plan --config configs/pretrain_xxlarge.json --nodes 8 --gpus-per-node 8 --gpu-memory-gb 80
 
-Model states come from DeepSpeed's own estimators (ZeRO-3: estimate_zero3_model_states_mem_needs, with
-offload when the DeepSpeed config offloads). Pipeline mode + ZeRO-1 has no DeepSpeed estimator; we count
-16-bit weights and gradients of one stage (4 bytes/param) plus the fp32 master weights and Adam moments
-(12 bytes/param) divided over the data-parallel replicas, plus DeepSpeed's 1.5 buffer factor on the last.
+**The rule** ("fastest"): the lowest ZeRO stage that fits, then no recomputation, then the largest
+micro-batch, never above the run config's micro_batch_size. Why, per optimizer step (P parameters, A
+gradient-accumulation steps, docs/architecture.md §5):
+- ZeRO-1 moves 16-bit gradients once (reduce-scatter at the accumulation boundary) and the updated weights once
+  (all-gather); ZeRO-2 reduce-scatters at every micro-batch (A times); ZeRO-3 also gathers the weights in every
+  micro-batch's forward and again in its backward (and once more when recomputing). Each stage up adds
+  communication per micro-batch, so a lower stage wins wherever it fits.
+- Recomputation runs every layer's forward twice: about a third more compute (forward ≈ 1/3 of forward +
+  backward), on every micro-batch, never hidden behind communication.
+- A larger micro-batch only makes the kernels larger (and, under ZeRO-2/3, the accumulation steps fewer).
+The run's micro_batch_size is the cap: the global batch does not change, only how it is cut.
 
-Activations per layer and micro-batch of b sequences of length s (bf16, eager disentangled attention),
+**Model states** come from DeepSpeed's estimators where it has one: ZeRO-2 `estimate_zero2_model_states_mem_needs`
+(2 bytes/param of 16-bit weights + 18/N of 16-bit and fp32 gradients, fp32 weights and Adam's moments), ZeRO-3
+`estimate_zero3_model_states_mem_needs` (the largest tensor gathered + 18/N). DeepSpeed has none for ZeRO-1; it
+is ZeRO-2's count with the 16-bit gradients whole, as ZeRO-1 keeps them until the boundary: 4 + 16/N bytes/param.
+Pipeline mode + ZeRO-1: one stage's 16-bit weights and gradients (4 bytes/param) plus its fp32 weights and
+moments (12 bytes/param) over the data-parallel replicas, times DeepSpeed's buffer factor 1.5. With offload
+(a --deepspeed config that offloads the optimizer), DeepSpeed's offload branches. In fp32 (CPU runs) every
+figure is doubled, an upper bound.
+
+**Activations** per layer and micro-batch of b sequences of length s (16-bit, eager disentangled attention),
 after Korthikanti et al. (2022) for a BERT block, plus DeBERTa's extra [b, heads, s, s] tensors:
     34·s·b·h + 7·a·s²·b bytes      (h hidden, a heads; 7 = scores, gathered c2p, gathered p2c, probabilities,
                                      dropout mask, and the two 1-byte masks rounded up)
-With activation checkpointing only each layer's input (2·s·b·h) is kept, plus one layer recomputed.
-In pipeline mode a stage holds L/stages layers for up to `stages` micro-batches in flight (1F1B). Objective rtd
-counts generator and discriminator (parameters and layers) and plans the zero3 mode only, the one it runs in.
-These are estimates: measure with the run's memory_gb metric before committing a cluster.
+With recomputation only each layer's input (2·s·b·h) is kept, plus one layer recomputed. In pipeline mode a
+stage holds L/stages layers for up to `stages` micro-batches in flight (1F1B). Objective rtd counts generator
+and discriminator (parameters and layers) and plans mode zero3 only, the one it runs in.
+
+"Fits" is under 90% of the memory: the rest holds communication buckets, the MLM logits at the masked positions
+and the allocator's fragmentation. These are estimates: check the run's memory_gb metric before committing a
+cluster. Importable without CUDA (DeepSpeed's estimators are plain arithmetic).
 """
 import json
 
 from pipeline.cli_types import positive_float, positive_int
-from pipeline.run.ds_config import load_ds_config, offloads_optimizer
+from pipeline.errors import ConfigError
 from pipeline.train.config import RunConfig
 
 GB = 1024 ** 3
+FIT_FRACTION = 0.9
+ZERO_STAGES = (1, 2, 3)
+RULE = ("the lowest ZeRO stage that fits, then no recomputation, then the largest micro-batch up to the run's "
+        "micro_batch_size")
 
 
 def add_arguments(parser):
     parser.add_argument("--config", required=True, help="run config: a JSON file or a shipped name (xxlarge, tiny_cpu)")
-    parser.add_argument("--deepspeed", default="zero3_bf16",
-                        help="DeepSpeed config of the ZeRO-3 mode, for its offload settings (default zero3_bf16)")
+    parser.add_argument("--deepspeed", default=None,
+                        help="plan only this DeepSpeed config's ZeRO stage and offload (default: ZeRO-1, 2 and 3 "
+                        "without offload, what --deepspeed auto chooses from)")
     parser.add_argument("--nodes", type=positive_int, default=1, help="number of nodes")
     parser.add_argument("--gpus-per-node", type=positive_int, default=8, help="GPUs per node")
     parser.add_argument("--gpu-memory-gb", type=positive_float, default=80.0, help="memory of one GPU in GiB")
@@ -70,10 +96,18 @@ def activation_bytes(config, micro_batch, seq_len, layers, checkpointing):
     return layers * full_layer
 
 
-def zero3_states(total, largest, gpus_per_node, nodes, offload):
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    _, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, gpus_per_node, nodes, cpu_offload=offload,
-                                                      cpu_offload_params=offload, zero_init=True)
+def zero_states(stage, total, largest, gpus_per_node, nodes, offload):
+    """Model states per GPU (bytes, 16-bit training) under ZeRO `stage` in mode zero3."""
+    gpus = gpus_per_node * nodes
+    if stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+        _, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, gpus_per_node, nodes, cpu_offload=offload,
+                                                          cpu_offload_params=offload, zero_init=True)
+        return gpu
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    _, gpu = estimate_zero2_model_states_mem_needs(total, gpus_per_node, nodes, cpu_offload=offload)
+    if stage == 1:  # ZeRO-1 keeps the 16-bit gradients whole until the accumulation boundary
+        gpu += 2 * total - (0 if offload else int(2 * total / gpus))
     return gpu
 
 
@@ -82,58 +116,135 @@ def pipeline_states(total, stages, dp):
     return per_stage * 4 + per_stage * 12 * 1.5 / dp
 
 
-def plan(run, ds, nodes, gpus_per_node, gpu_memory_gb, seq_len, stages):
+def micro_batches(run, dp):
+    """The micro-batch sizes a run can use on `dp` data-parallel ranks: up to its micro_batch_size, each dividing
+    its share of the global batch (the global batch stays; accumulation makes up the rest)."""
+    if run.global_batch_size % dp:
+        return []
+    share = run.global_batch_size // dp
+    return [m for m in range(1, min(run.micro_batch_size, share) + 1) if share % m == 0]
+
+
+def candidates(run, gpus, stages, zero_stages, offload):
+    """(mode, ZeRO stage, pipeline stages, data-parallel size) of each engine setup the plan considers."""
+    setups = [("zero3", stage, 1, gpus) for stage in zero_stages]
+    # rtd trains in mode zero3 only; a pipeline needs its stages to divide the GPUs (and one stage is shown only
+    # for a run in pipeline mode)
+    if run.objective == "mlm" and (stages > 1 or run.mode == "pipeline") and gpus % stages == 0 and not offload:
+        setups.append(("pipeline", 1, stages, gpus // stages))
+    return setups
+
+
+def plan(run, nodes, gpus_per_node, gpu_memory_gb, seq_len, stages, zero_stages=ZERO_STAGES, offload=False,
+         element_bytes=2):
+    """Every considered (setup, micro-batch, recomputation) with its memory, and the choice for the run's mode.
+    element_bytes: 2 for bf16/fp16, 4 for fp32 (every figure doubled)."""
     config = run.model_config()
     total, largest = parameter_counts(run)
     gpus = nodes * gpus_per_node
-    offload = offloads_optimizer(ds)
     layers = layers_run(run)
-    modes = ("zero3",) if run.objective == "rtd" else ("zero3", "pipeline")  # rtd trains in zero3 mode only
-    rows = []
-    for mode in modes:
-        if mode == "pipeline" and (stages < 1 or gpus % stages):
-            continue
-        states = zero3_states(total, largest, gpus_per_node, nodes, offload) if mode == "zero3" \
-            else pipeline_states(total, stages, gpus // stages)
+    scale = element_bytes / 2
+    rows, notes = [], []
+    if run.mode == "pipeline" and gpus % stages:
+        notes.append(f"pipeline mode: pipeline_stages {stages} does not divide the {gpus} GPUs")
+    for mode, stage, pipe_stages, dp in candidates(run, gpus, stages, zero_stages, offload):
+        states = scale * (zero_states(stage, total, largest, gpus_per_node, nodes, offload) if mode == "zero3"
+                          else pipeline_states(total, pipe_stages, dp))
         # 1F1B: the first stage holds the activations of up to `stages` micro-batches at once
-        mode_layers = layers if mode == "zero3" else -(-layers // stages) * stages
-        for micro in (1, 2, 4, 8, 16, 32, 64):
+        mode_layers = layers if mode == "zero3" else -(-layers // pipe_stages) * pipe_stages
+        sizes = micro_batches(run, dp)
+        if not sizes:
+            notes.append(f"{mode} ZeRO-{stage}: global_batch_size {run.global_batch_size} does not divide over {dp} "
+                         f"data-parallel ranks in micro-batches of at most {run.micro_batch_size}")
+        for micro in sizes:
             for checkpointing in (False, True):
-                need = states + activation_bytes(config, micro, seq_len, mode_layers, checkpointing)
-                rows.append({"mode": mode, "stages": stages if mode == "pipeline" else 1, "micro_batch": micro,
+                activations = scale * activation_bytes(config, micro, seq_len, mode_layers, checkpointing)
+                need = states + activations
+                rows.append({"mode": mode, "zero_stage": stage, "stages": pipe_stages, "micro_batch": micro,
                              "activation_checkpointing": checkpointing, "model_states_gb": states / GB,
-                             "total_gb": need / GB, "fits": need <= 0.9 * gpu_memory_gb * GB})
-    return {"parameters": total, "objective": run.objective, "gpus": gpus, "gpu_memory_gb": gpu_memory_gb,
-            "cpu_offload": offload, "modes": list(modes), "rows": rows}
+                             "activations_gb": activations / GB, "total_gb": need / GB,
+                             "fits": need <= FIT_FRACTION * gpu_memory_gb * GB})
+    choice = choose(rows, run.mode)
+    for row in rows:
+        row["chosen"] = row is choice
+    return {"parameters": total, "objective": run.objective, "mode": run.mode, "gpus": gpus, "nodes": nodes,
+            "gpus_per_node": gpus_per_node, "gpu_memory_gb": gpu_memory_gb, "seq_len": seq_len,
+            "cpu_offload": offload, "precision_bytes": element_bytes, "rule": RULE, "rows": rows, "notes": notes,
+            "choice": choice}
 
 
-def best(rows, mode):
-    fitting = [r for r in rows if r["mode"] == mode and r["fits"]]
-    # the largest micro-batch, without recomputation if that fits as well
-    return max(fitting, key=lambda r: (r["micro_batch"], not r["activation_checkpointing"]), default=None)
+def rule_key(row):
+    """Lower is faster: ZeRO stage, then recomputation, then the larger micro-batch (module docstring)."""
+    return row["zero_stage"], row["activation_checkpointing"], -row["micro_batch"]
+
+
+def choose(rows, mode):
+    """The fastest fitting row of `mode` by the rule, or None when nothing fits."""
+    return min((r for r in rows if r["mode"] == mode and r["fits"]), key=rule_key, default=None)
+
+
+def describe(row):
+    """'ZeRO-1, micro-batch 16, no recomputation' (pipeline mode: '4-stage pipeline + ZeRO-1, ...')."""
+    engine = f"{row['stages']}-stage pipeline + ZeRO-{row['zero_stage']}" if row["mode"] == "pipeline" \
+        else f"ZeRO-{row['zero_stage']}"
+    recompute = "activation recomputation" if row["activation_checkpointing"] else "no recomputation"
+    return f"{engine}, micro-batch {row['micro_batch']}, {recompute}"
+
+
+def nothing_fits(result):
+    """Why nothing fits, and what to do, in one line."""
+    mine = [r for r in result["rows"] if r["mode"] == result["mode"]]
+    if not mine:
+        return "; ".join(result["notes"]) or f"no setup of mode {result['mode']} for {result['gpus']} GPUs"
+    least = min(mine, key=lambda r: r["total_gb"])
+    devices = f"{result['gpus']} device{'s' if result['gpus'] > 1 else ''}"
+    return (f"nothing fits in {FIT_FRACTION:.0%} of {result['gpu_memory_gb']:.3g} GiB on each of {devices}: "
+            f"the smallest, {describe(least)}, needs {least['total_gb']:.1f} GiB. Use more devices, a shorter "
+            "sequence, or offload (--deepspeed zero3_offload_bf16 --set optimizer=cpu_adam)")
+
+
+def print_table(result):
+    what = " (generator and discriminator)" if result["objective"] == "rtd" else ""
+    precision = "fp32" if result["precision_bytes"] == 4 else "16-bit"
+    print(f"{result['parameters']:,} parameters{what} on {result['gpus']} GPUs of {result['gpu_memory_gb']:g} GiB "
+          f"(seq {result['seq_len']}, {precision}; offload: {'on' if result['cpu_offload'] else 'off'}); fits = under "
+          f"{FIT_FRACTION:.0%}")
+    print(f"{'mode':9} {'ZeRO':>4} {'stages':>6} {'micro':>5} {'recompute':>9} {'states GiB':>10} {'total GiB':>9}  fits")
+    for r in result["rows"]:
+        print(f"{r['mode']:9} {r['zero_stage']:>4} {r['stages']:>6} {r['micro_batch']:>5} "
+              f"{'yes' if r['activation_checkpointing'] else 'no':>9} {r['model_states_gb']:>10.2f} "
+              f"{r['total_gb']:>9.2f}  {'yes' if r['fits'] else 'no':3}{'  <- chosen' if r['chosen'] else ''}")
+    for note in result["notes"]:
+        print(f"note: {note}")
+    choice = result["choice"]
+    print(f"rule: {result['rule']}")
+    if choice:
+        print(f"chosen (mode {result['mode']}): {describe(choice)} ({choice['total_gb']:.3g} GiB of "
+              f"{result['gpu_memory_gb']:g}); `deberta-ds pretrain --deepspeed auto` on this shape uses it")
+    else:
+        print(f"chosen (mode {result['mode']}): {nothing_fits(result)}")
+    if result["mode"] == "zero3" and any(r["mode"] == "pipeline" for r in result["rows"]):
+        pipe = choose(result["rows"], "pipeline")
+        if pipe:
+            print(f"pipeline mode (--set mode=pipeline --set pipeline_stages={pipe['stages']}): {describe(pipe)} "
+                  f"({pipe['total_gb']:.3g} GiB)")
 
 
 def run(args):
+    from pipeline.run.ds_config import load_ds_config, offloads_optimizer, precision, zero_stage
     run_config = RunConfig.from_file(args.config, args.set)
-    ds, _ = load_ds_config(args.deepspeed)
+    zero_stages, offload, element_bytes = ZERO_STAGES, False, 2
+    if args.deepspeed:
+        ds, source = load_ds_config(args.deepspeed)
+        if zero_stage(ds) == 0:
+            raise ConfigError(f"{source}: ZeRO stage 0; the plan covers ZeRO-1, 2 and 3")
+        zero_stages, offload = (zero_stage(ds),), offloads_optimizer(ds)
+        element_bytes = 4 if precision(ds) == "fp32" else 2
     stages = args.pipeline_stages or (run_config.pipeline_stages if run_config.pipeline_stages > 1 else args.gpus_per_node)
-    result = plan(run_config, ds, args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.seq_len, stages)
+    result = plan(run_config, args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.seq_len, stages,
+                  zero_stages, offload, element_bytes)
     if args.json:
         print(json.dumps(result, indent=2))
-        return 0
-    what = " (generator and discriminator)" if result["objective"] == "rtd" else ""
-    print(f"{result['parameters']:,} parameters{what} on {result['gpus']} GPUs of {args.gpu_memory_gb:g} GiB "
-          f"(seq {args.seq_len}; ZeRO-3 offload: {'on' if result['cpu_offload'] else 'off'}); fits = under 90%")
-    print(f"{'mode':9} {'stages':>6} {'micro':>5} {'act.ckpt':>8} {'states GiB':>10} {'total GiB':>9}  fits")
-    for r in result["rows"]:
-        print(f"{r['mode']:9} {r['stages']:>6} {r['micro_batch']:>5} {str(r['activation_checkpointing']):>8} "
-              f"{r['model_states_gb']:>10.2f} {r['total_gb']:>9.2f}  {'yes' if r['fits'] else 'no'}")
-    for mode in result["modes"]:
-        choice = best(result["rows"], mode)
-        if choice:
-            print(f"{mode}: micro_batch {choice['micro_batch']}"
-                  f"{' with activation checkpointing' if choice['activation_checkpointing'] else ''} fits "
-                  f"({choice['total_gb']:.1f} GiB of {args.gpu_memory_gb:g})")
-        else:
-            print(f"{mode}: nothing fits")
+    else:
+        print_table(result)
     return 0

@@ -6,7 +6,7 @@ in the batch shell, so that a bad job fails in seconds with one line before any 
 import json
 import os
 
-from pipeline.run.ds_config import batch_fields, complete_ds_config, load_ds_config, offloads_optimizer
+from pipeline.run.ds_config import AUTO, batch_fields, complete_ds_config, load_ds_config, offloads_optimizer
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import make_dirs
 from pipeline.train.config import RunConfig
@@ -40,11 +40,25 @@ def complete_for_run(run, ds, dp_size, source):
     return stepper_class(run).prepare_ds_config(run, ds, source)
 
 
-def prepare(args, world_size):
-    """(run config, completed DeepSpeed config), or a DebertaDSError naming what is wrong."""
+def prepare(args, world_size, ranks_per_node=1, local_rank=0, announce=True):
+    """(run config, completed DeepSpeed config), or a DebertaDSError naming what is wrong. `--deepspeed auto`
+    plans the DeepSpeed config, micro-batch and recomputation for world_size ranks, ranks_per_node to a node
+    (pipeline/train/auto_ds.py; `announce`: print the choice)."""
     run = RunConfig.from_file(args.config, run_overrides(args))
-    ds, source = load_ds_config(args.deepspeed, args.ds)
+    if args.deepspeed == AUTO:
+        from pipeline.train.auto_ds import resolve
+        check_inputs(run)  # first: the plan reads the shards' sequence length
+        run, ds, source = resolve(run, args.ds, world_size, ranks_per_node, local_rank, announce)
+    else:
+        ds, source = load_ds_config(args.deepspeed, args.ds)
     ds = complete_for_run(run, ds, dp_size_of(run, world_size), source)
+    check_inputs(run)
+    make_dirs(run.output_dir, "run directory")  # last: a refused run leaves nothing behind
+    return run, ds
+
+
+def check_inputs(run):
+    """The run's directories and files exist (auto reads the shards' sequence length)."""
     if not run.output_dir:
         raise ConfigError("no output directory: give --output-dir or output_dir in the run config")
     if not run.data_dir or not os.path.isdir(run.data_dir):
@@ -55,8 +69,6 @@ def prepare(args, world_size):
         raise DataError(f"{run.tokenizer_path()}: no tokenizer (the shard directory carries spm.model; or set tokenizer)")
     if run.init_from_release and not os.path.isdir(run.init_from_release):
         raise ConfigError(f"init_from_release {run.init_from_release!r}: no such release directory")
-    make_dirs(run.output_dir, "run directory")  # last: a refused run leaves nothing behind
-    return run, ds
 
 
 def check_job(args):
@@ -67,7 +79,7 @@ def check_job(args):
         raise ConfigError(f"{args.nodes} node(s) x {args.ranks_per_node} rank(s) per node = {world} ranks, which is not "
                           f"divisible by pipeline_stages {stages}: every pipeline needs {stages} ranks. Use a node count "
                           f"whose rank total is a multiple of {stages} (sbatch --nodes=...), or change pipeline_stages.")
-    run, _ = prepare(args, world)
+    run, _ = prepare(args, world, args.ranks_per_node)
     print(f"preflight ok: {world} ranks ({args.nodes} x {args.ranks_per_node}), pipeline_stages "
           f"{run.pipeline_stages}, data {run.data_dir}")
     return 0

@@ -25,8 +25,10 @@ def add_arguments(parser):
                         help="run config: a JSON file, or the name of a shipped one (tiny_cpu, xxlarge, v3_large: "
                              "configs/pretrain_NAME.json)")
     parser.add_argument("--deepspeed", "--deepspeed_config", dest="deepspeed", required=True,
-                        help="DeepSpeed config: a JSON file, or the name of a shipped one (zero3_bf16, "
-                        "pipeline_zero1_bf16, cpu_zero3_fp32, ...: ds_configs/NAME.json)")
+                        help="DeepSpeed config: a JSON file, the name of a shipped one (zero1_bf16, zero3_bf16, "
+                        "pipeline_zero1_bf16, cpu_zero3_fp32, ...: ds_configs/NAME.json), or auto: the fastest "
+                        "configuration that fits this job's devices (ZeRO stage, precision, micro-batch up to the "
+                        "run's, recomputation; `deberta-ds plan` shows the choice)")
     parser.add_argument("--data-dir", help="shard directory from `deberta-ds preprocess` (overrides data_dir)")
     parser.add_argument("--valid-data-dir", help="held-out shard directory, same tokenizer: its losses (rtd: both "
                         "networks') every eval_interval steps (overrides valid_data_dir)")
@@ -60,10 +62,13 @@ def run(args):
     if args.check_only:
         return check_job(args)
     quiet_known_warnings()
-    env = discover_env()
-    check_master_addr(env)  # before prepare creates the run directory
-    run_config, ds = prepare(args, env.world_size)
+    found = discover_env()
+    check_master_addr(found)  # before prepare creates the run directory
+    run_config, ds = prepare(args, found.world_size, found.local_world_size, found.local_rank, found.rank == 0)
     env = setup_distributed()
+    if args.deepspeed == "auto":
+        from pipeline.train.auto_ds import check_same_choice
+        check_same_choice(run_config, ds, env.local_rank)
     return run_and_finish(train, run_config, ds, env, args.accept_data_change)
 
 
