@@ -20,7 +20,7 @@ D has no absolute position table (v3 configs have no absolute positions in the i
 
 The two networks train as one module, with their own AdamW parameter groups (D's learning rate may differ,
 `discriminator_lr`) on one schedule, summing both losses into one backward and one step: the official code's
-`decoupled_training=False` step. See pipeline/train/rtd.py for how it runs under DeepSpeed.
+`decoupled_training=False` step. See pipeline/train/rtd.py for how it is trained.
 """
 import torch
 import torch.nn.functional as F

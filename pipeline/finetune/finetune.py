@@ -157,13 +157,16 @@ def head_task(task):
     return task.kind if task.kind in ("multiple_choice", "entity_scoring") else "classification"
 
 
-def build_model(args, task, attention_impl=None):
-    """The model to fine-tune, from --release, or from the MNLI model with its classifier rows."""
+def build_model(args, task, attention_impl=None, partitioned=False):
+    """The model to fine-tune, from --release, or from the MNLI model with its classifier rows, with the fast
+    pieces applied (model/fast/convert.py; partitioned: ZeRO-3 will gather each weight per module)."""
     from model import DebertaForMultipleChoice, DebertaForSequenceClassification
+    from model.fast import convert
     from pipeline.finetune.tasks import get_task
     from pipeline.release import load_release
     if args.release:
-        return load_release(args.release, task=head_task(task), num_labels=task.num_labels, attention_impl=attention_impl)
+        return load_release(args.release, task=head_task(task), num_labels=task.num_labels, attention_impl=attention_impl,
+                            partitioned=partitioned)
     mnli_task = get_task("MNLI")
     if not task.mnli_head_rows:
         raise ConfigError(f"{task.name} does not start from MNLI (only RTE, CB, COPA do): use --release")
@@ -179,7 +182,7 @@ def build_model(args, task, attention_impl=None):
     with torch.no_grad():
         model.classifier.weight.copy_(mnli.classifier.weight[rows])
         model.classifier.bias.copy_(mnli.classifier.bias[rows])
-    return model
+    return convert.apply(model, mnli.config.attention_impl, fuse_qkv=not partitioned, autocast_linear=not partitioned)
 
 
 def set_cls_dropout(model, value):
@@ -284,6 +287,7 @@ def finetune(args):
     from pipeline.finetune.inference import evaluate, to_device
     from pipeline.finetune.sift import SiFT
     from pipeline.finetune.tasks import get_task
+    from pipeline.ds_config import zero_stage
     from pipeline.io import atomic_json, make_dirs
     from pipeline.launch.env import discover_env
     from pipeline.lifecycle import EXIT_OK, EXIT_REQUEUE, StopFlag, any_rank, inject_fault, lock_run_directory, mean_over_ranks, \
@@ -311,7 +315,7 @@ def finetune(args):
     val_features = task.build_features(val_examples, tokenizer, settings.max_seq_len)
     train_lengths = [feature_length(f) for f in train_features]
     seed_everything(settings.seed)
-    model = build_model(args, task, settings.attention_impl)
+    model = build_model(args, task, settings.attention_impl, partitioned=zero_stage(ds_config) == 3)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(f"tokenizer {spm_path} has {tokenizer.vocab_size} ids, the model's vocabulary "
                           f"only {model.config.vocab_size}")
