@@ -97,6 +97,7 @@ def cuda_ms(fn, repeat=10):
 def fused_check(B=16, N=512):
     from model import preset
     from model.attention import DisentangledSelfAttention, relative_position_index
+    from model.fast import convert
     from tests.unit.test_fused_attention import CASES, compare
     for case in CASES:
         print(f"fused vs torch, fp32 cuda, case {case}: {compare(*case, device='cuda')}")
@@ -105,7 +106,7 @@ def fused_check(B=16, N=512):
     hidden = torch.randn(B, N, config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     rel_embeddings = torch.randn(2 * config.att_span, config.hidden_size, device="cuda", dtype=torch.bfloat16)
     rel_index = relative_position_index(N, N, config, device="cuda")
-    modules = {impl: DisentangledSelfAttention(config.replace(attention_impl=impl)).to("cuda", torch.bfloat16)
+    modules = {impl: convert.apply(DisentangledSelfAttention(config), impl).to("cuda", torch.bfloat16)
                for impl in ("sdpa", "fused")}
     modules["fused"].load_state_dict(modules["sdpa"].state_dict())
     grad = torch.randn(B, N, config.hidden_size, device="cuda", dtype=torch.bfloat16)

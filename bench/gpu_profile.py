@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_step  # noqa: E402
 from model import preset  # noqa: E402
 from model.attention import DisentangledSelfAttention, relative_position_index  # noqa: E402
+from model.fast import convert  # noqa: E402
 from model.fast.attention_paths import relative_bias  # noqa: E402
 from model.fast.relative_bias import distance_index  # noqa: E402
 
@@ -120,7 +121,7 @@ def attention_section(args, emit):
     rel_embeddings = torch.randn(2 * config.att_span, D, device=dev, dtype=dt, requires_grad=True)
     rel_index = relative_position_index(N, N, config, device=dev)
     mask4d = torch.ones(B, 1, N, N, dtype=torch.bool, device=dev)
-    ours = {impl: DisentangledSelfAttention(config.replace(attention_impl=impl)).to(dev, dt).eval()
+    ours = {impl: convert.apply(DisentangledSelfAttention(config), impl).to(dev, dt).eval()
             for impl in ("eager", "sdpa", "fused")}
     for impl in ("sdpa", "fused"):
         ours[impl].load_state_dict(ours["eager"].state_dict())

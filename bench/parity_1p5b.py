@@ -20,6 +20,7 @@ sys.path.insert(0, ROOT)
 
 from model import DebertaModel, preset  # noqa: E402
 from model import state_dict_adapter as keys  # noqa: E402
+from model.fast import convert  # noqa: E402
 
 
 def parse_args():
@@ -58,6 +59,7 @@ def main():
     if unexpected:
         raise SystemExit(f"transformers has keys ours lacks: {unexpected[:10]}")
     ours.load_state_dict(own, strict=True, assign=True)  # strict: every key; shapes are checked too
+    convert.apply(ours, config.attention_impl)
     ours.eval()
     del state, own, expected
     print(f"{sum(p.numel() for p in ours.parameters()):,} parameters, the same tensors as transformers' model", flush=True)

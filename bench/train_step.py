@@ -41,6 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from model import DebertaForMaskedLM, preset  # noqa: E402
+from model.fast import convert  # noqa: E402
 
 # "cpu": the 6-layer base-width model of the issue (fits 2 cores); "xxlarge": the 1.5B model.
 SIZES = {
@@ -112,7 +113,7 @@ def build(variant, config, mode, device):
             values["legacy"] = False  # the official head layout, as ours
             model = transformers.DebertaV2ForMaskedLM(transformers.DebertaV2Config(**values))
         else:
-            model = DebertaForMaskedLM(config, emd=variant == "ours_emd")
+            model = convert.apply(DebertaForMaskedLM(config, emd=variant == "ours_emd"), config.attention_impl)
     if mode == "infer":
         return model.eval(), None
     # the fused AdamW (CPU and CUDA): the optimizer is the same for every variant, and the fastest one

@@ -102,12 +102,14 @@ def batch_of(config, args, device):
 def bare_step(args, run, device):
     import torch
     from model import DebertaForMaskedLM
+    from model.fast import convert
     from pipeline.run.optim import build_optimizer
     from pipeline.train.zero3 import torch_checkpoint
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.manual_seed(0)
     with torch.device(device):
         model = DebertaForMaskedLM(run.model_config(), emd=run.emd).to(dtype)
+    convert.apply(model, run.model_config().attention_impl)  # as the trainers: one rank, whole weights
     if run.activation_checkpointing:
         model.deberta.encoder.checkpoint_fn = torch_checkpoint
     optimizer = build_optimizer(model, run.lr, run.adam_betas, run.adam_eps, run.weight_decay, run.optimizer)

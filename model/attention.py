@@ -10,10 +10,11 @@ Kr and Qr are the shared relative-embedding table projected by the same key/quer
 (share_att_key) or by their own (pos_key_proj / pos_query_proj). The p2c index uses i - j like c2p,
 as the released code does (the paper writes j - i; the checkpoints were trained with the code).
 
-`math_attention` below is that formula term by term: it gathers the c2p and p2c terms from [B, H, N, 2k]
-products, fills masked scores, applies softmax and nn.Dropout. It is what `attention_impl: "math"` runs and
-the oracle the tests hold the fast paths against (model/fast/attention_paths.py: "eager", "sdpa", "fused";
-"auto" is sdpa where CUDA is and eager elsewhere). The path is chosen once, when the module is built.
+The module computes that formula term by term (`math_attention`): three projections, the c2p and p2c terms
+gathered from [B, H, N, 2k] products, masked scores filled, softmax, nn.Dropout, P·V. It is the text to read
+and the oracle the tests hold the fast paths against. The fast paths (`attention_impl` "eager", "sdpa",
+"fused", "auto", with the three projections as one matmul) are applied from outside by model/fast/convert.py,
+which swaps this module for a subclass that overrides `project` and `attend`.
 
 Padded query rows: the mask is m_i·m_j, so a padded query row has every key masked. Masked scores are
 filled with the dtype's most negative value before softmax, which makes such a row attend uniformly
@@ -23,11 +24,9 @@ are never used: padded keys are always masked and no loss reads padded positions
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from model.fast.attention_paths import fast_path
-from model.layers import Dropout, Linear
+from model.layers import Linear
 
 
 def log_bucket_position(relative_pos: torch.Tensor, bucket_size: int, max_position: int) -> torch.Tensor:
@@ -92,36 +91,13 @@ class DisentangledSelfAttention(nn.Module):
         self.att_span = config.att_span
         self.scale = math.sqrt(self.head_size * config.scale_factor)
         if self.relative_attention:
-            self.pos_dropout = Dropout(config.hidden_dropout_prob)
+            self.pos_dropout = nn.Dropout(config.hidden_dropout_prob)
             if not self.share_att_key:
                 if "c2p" in self.pos_att_type:
                     self.pos_key_proj = Linear(config.hidden_size, inner, std=std)
                 if "p2c" in self.pos_att_type:
                     self.pos_query_proj = Linear(config.hidden_size, inner, std=std)
-        self.dropout_p = config.attention_probs_dropout_prob
-        if config.attention_impl == "math":
-            self.attend, self.dropout = math_attention, nn.Dropout(self.dropout_p)
-        else:
-            self.attend = fast_path(config.attention_impl)
-
-    def heads(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, N, H·d] -> [B, H, N, d]"""
-        return x.view(*x.shape[:-1], self.num_heads, self.head_size).transpose(-3, -2)
-
-    def project(self, hidden_states, query_states):
-        """q, k, v as [B, H, N, d]. One matmul on the concatenated weights where the inputs are shared
-        (the parameters stay three modules, as the release format names them). Under ZeRO-3 a
-        parameter is only gathered when its own module runs, so partitioned weights go module by module."""
-        projs = (self.query_proj, self.key_proj, self.value_proj)
-        if any(hasattr(p.weight, "ds_id") for p in projs):
-            query_input = hidden_states if query_states is None else query_states
-            return tuple(self.heads(proj(x)) for proj, x in zip(projs, (query_input, hidden_states, hidden_states)))
-        fused = projs if query_states is None else projs[1:]
-        out = F.linear(hidden_states, torch.cat([p.weight for p in fused]), torch.cat([p.bias for p in fused]))
-        parts = [self.heads(t) for t in out.chunk(len(fused), dim=-1)]
-        if query_states is not None:
-            parts.insert(0, self.heads(self.query_proj(query_states)))
-        return tuple(parts)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)  # on the attention probabilities
 
     def forward(self, hidden_states, mask4d, rel_index=None, rel_embeddings=None, query_states=None):
         """hidden_states [B, Nk, D] give keys and values; query_states [B, Nq, D] (EMD) or None.
@@ -133,8 +109,22 @@ class DisentangledSelfAttention(nn.Module):
             rel_embeddings = self.pos_dropout(rel_embeddings)[: 2 * self.att_span]
         else:
             rel_embeddings = None
-        context = self.attend(self, q, k, v, mask4d, rel_index, rel_embeddings)
+        context = self.attend(q, k, v, mask4d, rel_index, rel_embeddings)
         return context.transpose(-3, -2).flatten(-2)  # [B, Nq, H·d]
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, H·d] -> [B, H, N, d]"""
+        return x.view(*x.shape[:-1], self.num_heads, self.head_size).transpose(-3, -2)
+
+    def project(self, hidden_states, query_states):
+        """q (of the query input: query_states, or hidden_states), k and v (of hidden_states) as [B, H, N, d]."""
+        query_input = hidden_states if query_states is None else query_states
+        return (self.heads(self.query_proj(query_input)), self.heads(self.key_proj(hidden_states)),
+                self.heads(self.value_proj(hidden_states)))
+
+    def attend(self, q, k, v, mask4d, rel_index, rel_embeddings):
+        """The context [B, H, Nq, d] (q already divided by the scale; rel_embeddings None: no relative terms)."""
+        return math_attention(self, q, k, v, mask4d, rel_index, rel_embeddings)
 
     def position_keys(self, rel_embeddings, which):
         """The relative table projected by the key (c2p) or query (p2c) projection: [H, 2k, d]."""

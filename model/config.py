@@ -50,8 +50,9 @@ class DebertaConfig:
     pooler_hidden_size: Optional[int] = None
     cls_dropout: Optional[float] = None  # None: hidden_dropout_prob
     # ours (transformers keeps unknown keys as attributes and ignores them)
-    # the attention's implementation (model/attention.py): "math" (the formula as written), "eager", "sdpa",
-    # "fused" (model/fast/), or "auto" (sdpa where CUDA is, eager elsewhere)
+    # the attention path model/fast/convert.py applies to a model of this config where it is built to train or
+    # run: "math" (the formula as written, model/attention.py), "eager", "sdpa", "fused" (model/fast/), or
+    # "auto" (sdpa where CUDA is, eager elsewhere). The plain model (not converted) always runs "math".
     attention_impl: str = "auto"
 
     def __post_init__(self):

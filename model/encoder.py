@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from model.attention import DisentangledSelfAttention, attention_mask_4d, relative_position_index
-from model.layers import ActivatedLinear, Dropout, Embedding, Linear, activation
+from model.layers import Embedding, Linear, activation
 
 
 class Output(dict):
     """What every model returns: a dict with attribute access (like transformers' ModelOutput).
-    A dict, not a dataclass, because DeepSpeed's ZeRO-3 hooks look for tensors inside dicts and tuples.
+    A dict, not a dataclass, because ZeRO-3's module hooks look for tensors inside dicts and tuples.
     Fields: last_hidden_state, hidden_states, logits, loss, labels (MLM: the labels of the logits' rows);
     a field that a model does not compute reads None."""
     FIELDS = ("last_hidden_state", "hidden_states", "logits", "loss", "labels")
@@ -52,7 +52,7 @@ class Embeddings(nn.Module):
         if config.embed_size != config.hidden_size:
             self.embed_proj = Linear(config.embed_size, config.hidden_size, bias=False, std=std)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = Dropout(config.hidden_dropout_prob)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids=None, input_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
                 added_embeds=None):
@@ -79,11 +79,11 @@ class Embeddings(nn.Module):
 class SelfOutput(nn.Module):
     """dense -> dropout -> LayerNorm(x + residual): the post-LN residual block around attention and FFN."""
 
-    def __init__(self, in_size, out_size, config, dense=None):
+    def __init__(self, in_size, out_size, config):
         super().__init__()
-        self.dense = dense or Linear(in_size, out_size, std=config.initializer_range)
+        self.dense = Linear(in_size, out_size, std=config.initializer_range)
         self.LayerNorm = nn.LayerNorm(out_size, eps=config.layer_norm_eps)
-        self.dropout = Dropout(config.hidden_dropout_prob)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x, residual):
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)
@@ -103,24 +103,22 @@ class Attention(nn.Module):
 
 
 class Intermediate(nn.Module):
-    """The FFN's first projection. Its activation is applied by the FFN output's ActivatedLinear, which
-    recomputes it in backward instead of keeping it."""
+    """The FFN's first projection and its activation: act(dense(x))."""
 
     def __init__(self, config):
         super().__init__()
         self.dense = Linear(config.hidden_size, config.intermediate_size, std=config.initializer_range)
+        self.act = activation(config.hidden_act)
 
     def forward(self, x):
-        return self.dense(x)
+        return self.act(self.dense(x))
 
 
 class FeedForwardOutput(SelfOutput):
-    """act -> dense -> dropout -> LayerNorm(x + residual), the act inside dense (ActivatedLinear)."""
+    """The FFN's second projection: dense -> dropout -> LayerNorm(x + residual)."""
 
     def __init__(self, config):
-        dense = ActivatedLinear(config.intermediate_size, config.hidden_size, activation(config.hidden_act),
-                                std=config.initializer_range)
-        super().__init__(config.intermediate_size, config.hidden_size, config, dense=dense)
+        super().__init__(config.intermediate_size, config.hidden_size, config)
 
 
 class Layer(nn.Module):
@@ -145,7 +143,7 @@ class ConvLayer(nn.Module):
         k = config.conv_kernel_size
         self.conv = nn.Conv1d(config.hidden_size, config.hidden_size, k, padding=(k - 1) // 2, groups=config.conv_groups)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = Dropout(config.hidden_dropout_prob)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.act = activation(config.conv_act)
 
     def forward(self, embeddings, layer0_output, input_mask):
@@ -157,7 +155,7 @@ class ConvLayer(nn.Module):
 
 class AttentionInputs(NamedTuple):
     """What every layer of one forward shares: computed once per forward, not once per layer.
-    A NamedTuple so that DeepSpeed's module hooks see the tensors inside."""
+    A NamedTuple so that a runtime's module hooks (ZeRO-3's) see the tensors inside."""
     mask4d: Optional[torch.Tensor]  # bool [B, 1, N, N]; None: no padding, every pair allowed
     rel_index: Optional[torch.Tensor]  # long [N, N]
     rel_embeddings: Optional[torch.Tensor]  # [2k, D], normalised
@@ -182,7 +180,7 @@ class Encoder(nn.Module):
         if config.conv_kernel_size > 0:
             self.conv = ConvLayer(config)
         # Set from outside to recompute layers in backward (e.g. torch.utils.checkpoint.checkpoint or
-        # deepspeed.checkpointing.checkpoint); the model itself knows no parallelism.
+        # a runtime's own checkpoint function); the model itself knows no parallelism.
         self.checkpoint_fn = None
 
     def relative_embeddings(self):

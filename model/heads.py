@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.encoder import AttentionInputs, DebertaModel, Output, token_mask
-from model.fast.memory import AutocastLinear, FloatCrossEntropy, autocast_dtype_for
-from model.layers import Dropout, Linear, activation
+from model.layers import Linear, activation
 
 IGNORE_INDEX = -100  # labels at positions that are not predicted (transformers' convention)
 
@@ -35,7 +34,11 @@ class LMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, hidden, word_embeddings_weight):
-        return decode_logits(lm_transform(self, hidden), word_embeddings_weight, self.bias)
+        return self.decode(lm_transform(self, hidden), word_embeddings_weight)
+
+    def decode(self, h, word_embeddings_weight):
+        """The tied decoder: h · word_embeddingsᵀ + bias."""
+        return decode_logits(h, word_embeddings_weight, self.bias)
 
 
 def lm_transform(head, hidden):
@@ -46,11 +49,12 @@ def lm_transform(head, hidden):
 
 def decode_logits(h, word_embeddings_weight, bias):
     """The tied decoder: h · word_embeddingsᵀ + bias."""
-    dtype = autocast_dtype_for(word_embeddings_weight, h)
-    if dtype is None:
-        return torch.matmul(h, word_embeddings_weight.t()) + bias
-    # under autocast: the decoder's bf16 copy (32k x 768) is not kept for backward (AutocastLinear)
-    return AutocastLinear.apply(h, word_embeddings_weight, None, dtype) + bias
+    return torch.matmul(h, word_embeddings_weight.t()) + bias
+
+
+def mean_cross_entropy(logits, targets):
+    """The MLM loss: mean cross-entropy over the rows of logits [M, V], computed in fp32."""
+    return F.cross_entropy(logits.float(), targets)
 
 
 class MLMPredictions(nn.Module):
@@ -117,6 +121,7 @@ class DebertaForMaskedLM(nn.Module):
         self.emd_steps = emd_steps if emd and not config.position_biased_input else 0
         self.deberta = DebertaModel(config, position_table=self.emd_steps > 0)
         self.lm_predictions = MLMPredictions(config)
+        self.loss_function = mean_cross_entropy  # (logits [M, V], targets [M]) -> the mean loss
 
     def enhanced_mask_decoder(self, hidden_prev, shared, position_ids, positions=None):
         """The EMD's output [B, N, D]; with `positions` (flat indices into B*N, as masked_positions gives)
@@ -155,7 +160,7 @@ class DebertaForMaskedLM(nn.Module):
         index, targets = masked_positions(labels)
         hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, positions=index)
         logits = head(hidden, word_weight)
-        return Output(logits=logits, loss=FloatCrossEntropy.apply(logits, targets), labels=targets)
+        return Output(logits=logits, loss=self.loss_function(logits, targets), labels=targets)
 
 
 class ContextPooler(nn.Module):
@@ -165,7 +170,7 @@ class ContextPooler(nn.Module):
         super().__init__()
         size = config.pooler_hidden_size or config.hidden_size
         self.dense = Linear(size, size, std=config.initializer_range)
-        self.dropout = Dropout(config.pooler_dropout)
+        self.dropout = nn.Dropout(config.pooler_dropout)
         self.act = activation(config.pooler_hidden_act)
 
     def forward(self, hidden):
@@ -192,7 +197,7 @@ class DebertaForSequenceClassification(nn.Module):
         self.num_labels = num_labels
         self.deberta = DebertaModel(config)
         self.pooler = ContextPooler(config)
-        self.dropout = Dropout(config.classifier_dropout)
+        self.dropout = nn.Dropout(config.classifier_dropout)
         self.classifier = Linear(config.pooler_hidden_size or config.hidden_size, num_labels,
                                  std=config.initializer_range)
 
@@ -212,7 +217,7 @@ class DebertaForMultipleChoice(nn.Module):
         self.config = config
         self.deberta = DebertaModel(config)
         self.pooler = ContextPooler(config)
-        self.dropout = Dropout(config.classifier_dropout)
+        self.dropout = nn.Dropout(config.classifier_dropout)
         self.classifier = Linear(config.pooler_hidden_size or config.hidden_size, 1, std=config.initializer_range)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, token_type_ids=None, position_ids=None):
@@ -258,14 +263,15 @@ class DebertaForEntityScoring(nn.Module):
         self.config = config
         self.deberta = DebertaModel(config)
         self.proj = Linear(config.hidden_size, config.hidden_size, std=config.initializer_range)
-        self.dropout = Dropout(config.classifier_dropout)
+        self.act = nn.GELU()
+        self.dropout = nn.Dropout(config.classifier_dropout)
         self.classifier = Linear(config.hidden_size, 1, std=config.initializer_range)
 
     def forward(self, input_ids=None, attention_mask=None, entity_tokens=None, labels=None, token_type_ids=None,
                 position_ids=None):
         hidden = self.deberta(input_ids, attention_mask, token_type_ids, position_ids).last_hidden_state
         pooled, real = pool_entities(hidden, entity_tokens)
-        logits = self.classifier(self.dropout(F.gelu(self.proj(pooled)))).squeeze(-1).float()
+        logits = self.classifier(self.dropout(self.act(self.proj(pooled)))).squeeze(-1).float()
         present = real.any(-1)
         logits = logits.masked_fill(~present, -10000.0)
         loss = None if labels is None else entity_loss(logits, labels, present)

@@ -20,12 +20,13 @@ D has no absolute position table (v3 configs have no absolute positions in the i
 
 The two networks train as one module, with their own AdamW parameter groups (D's learning rate may differ,
 `discriminator_lr`) on one schedule, summing both losses into one backward and one step: the official code's
-`decoupled_training=False` step. See pipeline/train/rtd.py for how it runs under DeepSpeed.
+`decoupled_training=False` step. See pipeline/train/rtd.py for how it is trained.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import state_dict_adapter as keys
 from model.encoder import DebertaModel, Output
 from model.heads import DebertaForMaskedLM, masked_positions
 from model.layers import Linear, activation
@@ -35,7 +36,9 @@ SHARING = ("gdes", "es", "none")
 
 class RTDHead(nn.Module):
     """`mask_predictions`: s_i = LayerNorm(h_[CLS] + h_i), then dense, activation and a classifier to one logit
-    per token. The names are the official ones (`classifer` included), so released heads load as they are."""
+    per token. The keys are those of the published v3 checkpoints (`mask_predictions.{dense,LayerNorm,
+    classifier}.*`, the official LMMaskPredictionHead's); releases written with the misspelt `classifer` of an
+    earlier official revision still load (pipeline/release/rtd.py)."""
 
     def __init__(self, config):
         super().__init__()
@@ -43,11 +46,20 @@ class RTDHead(nn.Module):
         self.dense = Linear(config.hidden_size, config.hidden_size, std=std)
         self.act = activation(config.hidden_act)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.classifer = Linear(config.hidden_size, 1, std=std)
+        self.classifier = Linear(config.hidden_size, 1, std=std)
+        # a state dict saved before the rename (a training checkpoint, a release) loads as it is
+        self.register_load_state_dict_pre_hook(rename_old_classifier)
 
     def forward(self, hidden):
         states = self.LayerNorm(hidden[:, :1] + hidden)
-        return self.classifer(self.act(self.dense(states))).squeeze(-1)  # [B, N]
+        return self.classifier(self.act(self.dense(states))).squeeze(-1)  # [B, N]
+
+
+def rename_old_classifier(module, state_dict, prefix, *_):
+    """load_state_dict's pre-hook of RTDHead (`mask_predictions`): its classifier's old key read as the new one."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        if (new := keys.renamed_rtd_classifier(key)) != key:
+            state_dict[new] = state_dict.pop(key)
 
 
 def rtd_loss(logits, labels, attention_mask):

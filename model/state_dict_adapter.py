@@ -10,7 +10,9 @@ Accepted from a release besides ours:
   * bare `embeddings.* / encoder.*` (transformers' DebertaV2Model)
   * transformers' legacy MLM head `cls.predictions.*`, whose decoder is the tied word embedding (its copy
     must equal the word embeddings: the reader checks it)
-  * v3 releases' replaced-token-detection head `mask_predictions.*`, which the v2 models do not load
+  * v3 releases' replaced-token-detection head `mask_predictions.*`, which the v2 models do not load; its
+    classifier is `mask_predictions.classifier.*` (the published checkpoints); an earlier official revision
+    and our releases before it spelt it `classifer`, which still loads (renamed_rtd_classifier)
 
 Pipeline mode (pipeline/train/pipe.py) holds the model as a sequence of layers, saved one file
 per layer (`layer_XX-model_states.pt`):
@@ -35,6 +37,7 @@ LEGACY_DECODER = "cls.predictions.decoder.weight"
 TIED_LEGACY = (LEGACY_DECODER, "cls.predictions.decoder.bias")
 IGNORED_PREFIXES = ("mask_predictions.",)
 MLM_HEAD_PREFIX = "lm_predictions."
+RTD_CLASSIFIER, OLD_RTD_CLASSIFIER = "mask_predictions.classifier.", "mask_predictions.classifer."
 TASK_HEAD_PREFIXES = ("pooler.", "classifier.", "proj.")  # proj: the entity-scoring head (ReCoRD)
 
 
@@ -51,6 +54,12 @@ def from_release(key):
 def from_release_state(state):
     """{our key: value} of a release's {key: value} (values of any kind: tensors, or references to them)."""
     return {ours: value for key, value in state.items() if (ours := from_release(key)) is not None}
+
+
+def renamed_rtd_classifier(key):
+    """A key of the RTD head with the old spelling of its classifier (`classifer`) in the published one; any
+    other key as it is."""
+    return key.replace(OLD_RTD_CLASSIFIER, RTD_CLASSIFIER, 1) if OLD_RTD_CLASSIFIER in key else key
 
 
 def to_release(key, task):

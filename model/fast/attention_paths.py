@@ -14,11 +14,12 @@
 
 Every path takes (attention module, q, k, v, mask4d, rel_index, rel_embeddings) with q already divided by
 the scale and rel_embeddings None when the layer has no relative terms, and returns the context [B, H, Nq, d].
+convert.py sets a module's path (FastAttention.path). Triton is imported only where its kernels may run: by
+`fused` when chosen, and by relative_bias.py on CUDA (or under TRITON_INTERPRET).
 """
 import torch
 import torch.nn.functional as F
 
-from model.fast import fused_attention
 from model.fast.relative_bias import RELATIVE_BLOCK, GatherLast, distance_index, relative_bias_function
 from model.fast.softmax_dropout import SoftmaxDropoutMatmul, content_scores
 
@@ -87,9 +88,12 @@ class Fused:
     """The fused kernels where they take the attention, `auto`'s path elsewhere."""
 
     def __init__(self):
+        from model.fast import fused_attention  # noqa: F401  imports triton (when installed): where fused is chosen
         self.fallback = auto_path()
 
     def __call__(self, attn, q, k, v, mask4d, rel_index, rel_embeddings):
+        from model.fast import fused_attention  # imported by __init__ already; not kept on the instance, which
+        # a model holds (a module object would stop the model from being copied or pickled)
         relative = rel_embeddings is not None
         square = not relative or (rel_index.dim() == 2 and q.shape[2] == k.shape[2])
         if not fused_attention.supported(q, square):
@@ -100,7 +104,7 @@ class Fused:
 
 
 def fast_path(name):
-    """The implementation an attention module built with attention_impl `name` runs."""
+    """The path a module converted with attention_impl `name` runs (convert.py; "math" is model/attention.py's)."""
     if name == "eager":
         return eager
     if name == "sdpa":

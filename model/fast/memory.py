@@ -21,8 +21,9 @@ class AutocastLinear(torch.autograd.Function):
     rather than its `dtype` copy, which backward makes again. Under autocast, autograd keeps each
     weight's low-precision copy from forward until that layer's backward: 7M parameters per layer of
     the base model, and the 32k x 768 MLM decoder, all held at the training step's peak memory. The
-    copy costs one cast per weight in backward. Only for autocast with weights in another dtype, and
-    not for ZeRO-3's partitioned parameters (whose data DeepSpeed frees between forward and backward)."""
+    copy costs one cast per weight in backward. Only for autocast with weights in another dtype, and only
+    where a weight stays whole from forward to backward: not for parameters partitioned per module as ZeRO-3
+    does, whose data is freed between the two (convert.py's autocast_linear=False)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, dtype):
@@ -45,7 +46,24 @@ def autocast_dtype_for(weight: torch.Tensor, x: torch.Tensor):
     if not (torch.is_grad_enabled() and weight.requires_grad and torch.is_autocast_enabled(device)):
         return None
     dtype = torch.get_autocast_dtype(device)
-    return dtype if weight.dtype != dtype and not hasattr(weight, "ds_id") else None
+    return dtype if weight.dtype != dtype else None
+
+
+def autocast_linear(x, weight, bias=None):
+    """F.linear(x, weight, bias), through AutocastLinear where autocast would keep a low-precision copy."""
+    dtype = autocast_dtype_for(weight, x)
+    if dtype is None:
+        return F.linear(x, weight, bias)
+    return AutocastLinear.apply(x, weight, bias, dtype)
+
+
+def decode_logits(h, word_embeddings_weight, bias):
+    """The tied MLM decoder h · word_embeddingsᵀ + bias (model/heads.py decode_logits) whose autocast copy of
+    the word table (32k x 768 in bf16) is not kept for backward."""
+    dtype = autocast_dtype_for(word_embeddings_weight, h)
+    if dtype is None:
+        return torch.matmul(h, word_embeddings_weight.t()) + bias
+    return AutocastLinear.apply(h, word_embeddings_weight, None, dtype) + bias
 
 
 class ActivationThenLinear(torch.autograd.Function):
@@ -102,3 +120,8 @@ class FloatCrossEntropy(torch.autograd.Function):
             probs[torch.arange(probs.shape[0], device=probs.device), targets[rows]] -= 1
             grad_logits[rows] = probs.mul_(scale)
         return grad_logits, None, None
+
+
+def float_cross_entropy(logits, targets):
+    """model/heads.py mean_cross_entropy (F.cross_entropy(logits.float(), targets)) through FloatCrossEntropy."""
+    return FloatCrossEntropy.apply(logits, targets)

@@ -8,9 +8,9 @@ Transformer-XL's relative shift) and added to the scores while the block is in c
 through Triton kernels (relative_kernels.py). Other indices (the EMD's selected query rows) gather as the
 official code does (GatherLast).
 """
-import torch
+import os
 
-from model.fast import relative_kernels
+import torch
 
 
 def distance_index(rel_index: torch.Tensor) -> torch.Tensor:
@@ -150,4 +150,7 @@ class GatherLast(torch.autograd.Function):
 
 def relative_bias_function(q):
     """RelativeBias, or its Triton twin where the kernels run on q's device (the same arguments and result)."""
+    if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return RelativeBias  # the kernels run nowhere else: triton is not even imported
+    from model.fast import relative_kernels  # imports triton (when installed)
     return relative_kernels.RelativeBiasTriton if relative_kernels.available(q) else RelativeBias

@@ -177,7 +177,7 @@ def finetune(run):
     from pipeline.launch.env import check_master_addr, discover_env, setup_distributed
     from pipeline.run import loop
     from pipeline.run.checkpointer import Checkpointer
-    from pipeline.run.ds_config import precision
+    from pipeline.run.ds_config import precision, zero_stage
     from pipeline.run.lifecycle import EXIT_OK, lock_run_directory, on_rank_zero, say, seed_for_build, seed_for_steps
     from pipeline.run.monitor import Monitor
 
@@ -198,7 +198,7 @@ def finetune(run):
     train_features = task.build_features(train_examples, tokenizer, settings.max_seq_len)
     val_features = task.build_features(val_examples, tokenizer, settings.max_seq_len)
     seed_for_build(settings.seed)
-    model = build_model(run, task, settings.attention_impl)
+    model = build_model(run, task, settings.attention_impl, partitioned=zero_stage(ds) == 3)
     tokenizer.check_fits(model.config.vocab_size, f"the vocabulary of {run.start}",
                          "pass the tokenizer the release was trained with (--tokenizer)")
     set_cls_dropout(model, settings.cls_drop_out)

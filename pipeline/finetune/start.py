@@ -22,13 +22,16 @@ def head_task(task):
     return task.kind if task.kind in ("multiple_choice", "entity_scoring") else "classification"
 
 
-def build_model(run, task, attention_impl=None):
-    """The model to fine-tune, from run.release, or from the MNLI model (run.init_from_mnli) with its rows."""
+def build_model(run, task, attention_impl=None, partitioned=False):
+    """The model to fine-tune, from run.release, or from the MNLI model (run.init_from_mnli) with its rows, with
+    the fast pieces applied (model/fast/convert.py; partitioned: ZeRO-3 will gather each weight per module)."""
     from model import DebertaForMultipleChoice, DebertaForSequenceClassification
+    from model.fast import convert
     from pipeline.finetune.tasks import get_task
     from pipeline.release import load_release
     if run.release:
-        return load_release(run.release, task=head_task(task), num_labels=task.num_labels, attention_impl=attention_impl)
+        return load_release(run.release, task=head_task(task), num_labels=task.num_labels, attention_impl=attention_impl,
+                            partitioned=partitioned)
     mnli_task = get_task("MNLI")
     if not task.mnli_head_rows:
         raise ConfigError(f"{task.name} does not start from MNLI (only RTE, CB, COPA do): use --release")
@@ -44,7 +47,7 @@ def build_model(run, task, attention_impl=None):
     with torch.no_grad():
         model.classifier.weight.copy_(mnli.classifier.weight[rows])
         model.classifier.bias.copy_(mnli.classifier.bias[rows])
-    return model
+    return convert.apply(model, mnli.config.attention_impl, fuse_qkv=not partitioned, autocast_linear=not partitioned)
 
 
 def set_cls_dropout(model, value):

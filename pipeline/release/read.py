@@ -19,6 +19,7 @@ import torch
 from model import DebertaConfig, DebertaForEntityScoring, DebertaForMaskedLM, DebertaForMultipleChoice, \
     DebertaForSequenceClassification, DebertaModel
 from model import state_dict_adapter as keys
+from model.fast import convert
 from pipeline.errors import ReleaseError
 
 TASKS = ("base", "mlm", "classification", "multiple_choice", "entity_scoring")
@@ -259,12 +260,15 @@ def load_into_meta_model(model, task, release, dtype=None, allow_new_head=False)
     return new
 
 
-def load_release(path, task="base", num_labels=None, emd=True, attention_impl=None, dtype=None):
+def load_release(path, task="base", num_labels=None, emd=True, attention_impl=None, dtype=None, partitioned=False):
     """Load a release directory as one of our models (an nn.Module in eval mode).
 
     task: "base" (.last_hidden_state), "mlm" (.logits), "classification" (.logits [B, num_labels]) or
     "multiple_choice" or "entity_scoring" (ReCoRD: .logits [B, E]). emd: for "mlm", use the Enhanced Mask Decoder when the release has the absolute position
-    table (as the official pretraining did); False gives transformers' MLM head on the last layer."""
+    table (as the official pretraining did); False gives transformers' MLM head on the last layer.
+    The fast pieces are applied (model/fast/convert.py) with `attention_impl`, or the release's; partitioned:
+    a runtime will gather each weight only around its own module's forward (ZeRO-3), which the fused QKV
+    projection and the autocast linear cannot run under."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
     release = Release(path)
@@ -286,4 +290,5 @@ def load_release(path, task="base", num_labels=None, emd=True, attention_impl=No
         print(f"{path}: new task head, initialised randomly: {', '.join(new)}", file=sys.stderr)
     if dtype is not None:
         model = model.to(dtype)  # the new task head and buffers; loaded weights already have it
+    convert.apply(model, config.attention_impl, fuse_qkv=not partitioned, autocast_linear=not partitioned)
     return model.eval()

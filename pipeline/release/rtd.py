@@ -15,6 +15,7 @@ from it. One directory rather than two: it is the layout users download and cont
 is a training-time part of the model, not a release of its own.
 """
 import os
+import sys
 
 import torch
 
@@ -53,6 +54,7 @@ def write_rtd_release(tensors, config, generator_config, sharing, emd, out_dir, 
     generator, tables, seen = {}, {}, set()
     try:
         for key, tensor in tensors:
+            key = keys.renamed_rtd_classifier(key)  # a checkpoint written before the rename
             if key not in expected or tuple(tensor.shape) != expected[key]:
                 raise ReleaseError(f"{source}: {key} {tuple(tensor.shape)} is not a tensor of the RTD model of the "
                                    "checkpoint's configs (config and tensors disagree)")
@@ -99,6 +101,17 @@ def read_generator(path, config):
     return generator_config, state
 
 
+def rtd_head(path, release):
+    """{key: reference} of a v3 release's RTD head (`mask_predictions.*`), its classifier under the published
+    name: a release that spells it `classifer` (an earlier official revision's name, and ours before) loads,
+    with a notice."""
+    head = {k: ref for k, ref in release._release_refs.items() if k.startswith("mask_predictions.")}
+    if any(keys.OLD_RTD_CLASSIFIER in k for k in head):
+        print(f"{path}: the RTD head's classifier is stored as {keys.OLD_RTD_CLASSIFIER}* (the old spelling); "
+              f"read as {keys.RTD_CLASSIFIER}*", file=sys.stderr)
+    return {keys.renamed_rtd_classifier(k): ref for k, ref in head.items()}
+
+
 def load_rtd_release_into(model, path, stage, rank):
     """An RTDModel's weights from a v3 release: the discriminator from model.safetensors (its merged table split
     back per the run's sharing: gdes delta = discriminator table - generator table), the generator from
@@ -114,7 +127,7 @@ def load_rtd_release_into(model, path, stage, rank):
             if generator_config.num_hidden_layers != model.generator_config.num_hidden_layers:
                 raise ReleaseError(f"{path}: its generator has {generator_config.num_hidden_layers} layers, the run's "
                                    f"{model.generator_config.num_hidden_layers} (generator_layers)")
-            head = {k: ref for k, ref in release._release_refs.items() if k.startswith("mask_predictions.")}
+            head = rtd_head(path, release)
             if not head:
                 raise ReleaseError(f"{path}: no RTD head (mask_predictions.*) to continue training from")
             values = {"generator." + k: v for k, v in generator.items()}

@@ -28,8 +28,9 @@ from torch import nn
 from model import state_dict_adapter as keys
 from model.attention import attention_mask_4d, relative_position_index
 from model.encoder import AttentionInputs, ConvLayer, Embeddings, Layer, relative_table
-from model.fast.memory import FloatCrossEntropy
-from model.heads import decode_logits, enhanced_mask_decoder, lm_transform, masked_positions
+from model.fast import convert
+from model.fast.memory import FloatCrossEntropy, decode_logits
+from model.heads import enhanced_mask_decoder, lm_transform, masked_positions
 from model.layers import Embedding, Linear, activation
 from pipeline.run.ds_config import zero_stage
 from pipeline.errors import ConfigError
@@ -235,6 +236,7 @@ class PipeStepper(EngineStepper):
     def __init__(self, run, ds, model_config, rank):
         self.module = build_pipeline_module(model_config, run.pipeline_stages, emd=run.emd,
                                             activation_checkpointing=run.activation_checkpointing, seed=run.seed)
+        convert.apply(self.module, model_config.attention_impl)  # ZeRO-0/1: every weight whole on every rank
         if run.init_from_release:
             load_release_into_pipe(self.module, run.init_from_release, model_config)
         self.engine = build_engine(self.module, ds, run.lr, run.adam_betas, run.adam_eps, run.weight_decay,

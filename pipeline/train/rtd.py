@@ -18,6 +18,7 @@ under one DeepSpeedEngine, any ZeRO stage.
 import deepspeed
 import torch
 
+from model.fast import convert
 from model.rtd import RTDModel
 from pipeline.run.ds_config import zero_stage
 from pipeline.run.lifecycle import reduce_mean
@@ -32,6 +33,8 @@ def build_rtd_model(run, ds, model_config, rank):
     import torch._dynamo  # noqa: F401  (before zero.Init patches module construction)
     with deepspeed.zero.Init(config_dict_or_path=ds, enabled=stage == 3):
         model = RTDModel(model_config, run.generator_config(), run.embedding_sharing, run.rtd_lambda, emd=run.emd)
+    # as build_zero3_model: ZeRO-3 gathers each weight only around its own module's forward
+    convert.apply(model, model_config.attention_impl, fuse_qkv=stage != 3, autocast_linear=stage != 3)
     generator, discriminator = model.generator, model.discriminator
     prepare_for_engine(run, stage, generator, leaf_layers(generator) + list(discriminator.deberta.encoder.layer),
                        [generator.deberta.encoder, discriminator.deberta.encoder])

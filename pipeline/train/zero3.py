@@ -11,6 +11,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from model.fast import convert
 from model.heads import DebertaForMaskedLM
 from pipeline.run.ds_config import zero_stage
 from pipeline.errors import ReleaseError
@@ -31,6 +32,8 @@ def build_zero3_model(run, ds, model_config, rank):
     import torch._dynamo  # noqa: F401
     with deepspeed.zero.Init(config_dict_or_path=ds, enabled=stage == 3):
         model = DebertaForMaskedLM(model_config, emd=run.emd)
+    # the fast pieces; ZeRO-3 gathers each weight only around its own module's forward (fuse_qkv, autocast_linear)
+    convert.apply(model, model_config.attention_impl, fuse_qkv=stage != 3, autocast_linear=stage != 3)
     prepare_for_engine(run, stage, model, leaf_layers(model), [model.deberta.encoder])
     if run.init_from_release:
         load_release_into(model, run.init_from_release, stage, rank)

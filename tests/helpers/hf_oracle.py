@@ -4,6 +4,7 @@ import transformers
 
 from model import DebertaConfig
 from model import state_dict_adapter as keys
+from model.fast import convert
 from pipeline.release.read import build_model
 
 HF_CLASSES = {
@@ -20,8 +21,9 @@ def hf_config(config: DebertaConfig, **extra):
     return transformers.DebertaV2Config(**values)
 
 
-def hf_and_ours(config: DebertaConfig, task="base", num_labels=2, emd=False, seed=0, position_table=False):
-    """The same random weights in transformers' model and ours (transformers initialises, we copy)."""
+def hf_and_ours(config: DebertaConfig, task="base", num_labels=2, emd=False, seed=0, position_table=False, impl="plain"):
+    """The same random weights in transformers' model and ours (transformers initialises, we copy). impl "plain":
+    our plain model (model/, the math path); else an attention_impl, with model/fast/convert.py applied."""
     torch.manual_seed(seed)
     theirs = HF_CLASSES[task](hf_config(config, num_labels=num_labels, legacy=False)).eval()
     state = keys.from_release_state(theirs.state_dict())
@@ -30,4 +32,6 @@ def hf_and_ours(config: DebertaConfig, task="base", num_labels=2, emd=False, see
         table = torch.randn(config.max_position_embeddings, config.embed_size) * 0.02
         state[keys.POSITION_TABLE] = table
     ours.load_state_dict({keys.to_model(k, task): v for k, v in state.items()}, strict=True)  # every key, every shape
+    if impl != "plain":
+        convert.apply(ours, impl)
     return theirs, ours.eval()

@@ -150,6 +150,37 @@ def test_release_to_training_to_release_is_exact(v3_release, tiny_shards, tmp_pa
     assert ga.keys() == gb.keys() and all(torch.equal(ga[k], gb[k]) for k in ga)
 
 
+def test_a_published_v3_directory_continues_an_rtd_run(tiny_shards, tmp_path):
+    """`--set init_from_release=DIR` on a directory in the published deberta-v3 layout (pytorch_model.bin with
+    the RTD head's `mask_predictions.classifier.*`, an MLM head and the position table beside it, the generator's
+    pytorch_model.generator.bin, no generator_config.json): the run starts from its weights. With lr 0 the
+    release written after one step holds the published discriminator and generator unchanged."""
+    from model.rtd import RTDModel
+    from pipeline.train.config import RunConfig
+    from tests.helpers.v3 import write_published_v3
+    run = RunConfig.from_file("tiny_cpu", RTD + NO_DROPOUT)
+    torch.manual_seed(11)
+    published = RTDModel(run.model_config(), run.generator_config(), run.embedding_sharing, emd=run.emd)
+    with torch.no_grad():  # a delta that is not zero: the merged table differs from the generator's
+        published.discriminator.deberta.embeddings.word_embeddings.weight.normal_(0, 0.01)
+    discriminator, generator = write_published_v3(published, str(tmp_path / "v3"), tiny_shards.parent / "spm.model")
+    sets = RTD + NO_DROPOUT + ["max_steps=1", "save_interval=1", "lr=0",
+                               f"init_from_release={json.dumps(str(tmp_path / 'v3'))}"]
+    result = pretrain(tiny_shards, tmp_path / "run", nproc=1, sets=sets)
+    assert result.returncode == 0, explain(result)
+    assert "old spelling" not in result.stderr
+    again = cli("convert", "to-release", "--checkpoint", str(tmp_path / "run" / "checkpoints"), "--output",
+                str(tmp_path / "again"))
+    assert again.returncode == 0, explain(again)
+    released = read_state_dict(str(tmp_path / "again"))
+    assert {k for k in discriminator if k.startswith(("deberta.encoder.", "mask_predictions."))} <= released.keys()
+    for key, value in released.items():  # the merged table is split and merged again: rounding only
+        assert torch.allclose(value, discriminator[key], atol=1e-6, rtol=0), key
+    assert torch.equal(released["mask_predictions.classifier.weight"], discriminator["mask_predictions.classifier.weight"])
+    regenerated = torch.load(tmp_path / "again" / "pytorch_model.generator.bin")
+    assert all(torch.equal(regenerated[k], generator[k]) for k in regenerated)
+
+
 def test_rtd_in_pipeline_mode_is_refused_before_anything_starts(tiny_shards, tmp_path):
     result = pretrain(tiny_shards, tmp_path, nproc=1, sets=RTD + ["mode=pipeline"])
     assert result.returncode != 0 and "objective 'rtd' runs in mode 'zero3' only" in result.stderr

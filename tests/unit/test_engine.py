@@ -68,10 +68,26 @@ def test_both_modes_give_the_interface_and_the_same_first_loss(process_group, re
         step = stepper.train_step()
         assert set(step) == {"loss", "mlm_accuracy"} and set(evaluation) == {"val_loss", "val_mlm_accuracy"}
         assert stepper.lr > 0 and stepper.skipped_steps == 0 and stepper.grad_norm > 0
+        assert_converted(stepper.module, whole_weights=mode == "pipeline")
         results[mode] = (evaluation["val_loss"], float(step["loss"]))
     # the same weights, batches and loss in both modes: zero3 runs the model, pipeline mode its blocks
     assert results["zero3"][0] == pytest.approx(results["pipeline"][0], abs=1e-6)
     assert results["zero3"][1] == pytest.approx(results["pipeline"][1], abs=1e-6)
+
+
+def assert_converted(module, whole_weights):
+    """The trainer applied model/fast/convert.py once: the attention path and the other fast pieces everywhere;
+    fused QKV and the autocast linear only where every rank holds every weight whole (not under ZeRO-3, where
+    the parameters are partitioned and gathered per module)."""
+    from model.fast import modules as fast
+    from model.layers import Linear
+    kinds = {type(m) for m in module.modules()}
+    assert {fast.FastAttention, fast.CheapDropout, fast.ActivatedLinear, fast.PreActivationIntermediate} <= kinds
+    attentions = [m for m in module.modules() if isinstance(m, fast.FastAttention)]
+    assert all(m.fuse_qkv == whole_weights for m in attentions)
+    assert (fast.AutocastKeepLinear in kinds) == whole_weights and (Linear in kinds) != whole_weights
+    if not whole_weights:
+        assert all(hasattr(p, "ds_id") for p in module.parameters())  # partitioned when built, then converted
 
 
 def test_a_checkpoint_round_trip_repeats_the_next_step_bitwise(process_group, release, data_env, tmp_path):

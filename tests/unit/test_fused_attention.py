@@ -78,11 +78,11 @@ def relative_diff(a, b):
 
 
 def compare_models(pos_att_type):
-    """The MLM + EMD model, training mode without dropout, on a padded batch: "fused" against
-    "math" (the plain formula), loss and every parameter's gradient (max relative difference)."""
+    """The MLM + EMD model, training mode without dropout, on a padded batch: converted with "fused" against
+    the plain model (the math formula), loss and every parameter's gradient (max relative difference)."""
     import torch
     from model import DebertaForMaskedLM, preset
-    from model.fast import fused_attention
+    from model.fast import convert, fused_attention
     calls = []  # each call of the fused attention: its query length
     apply = fused_attention.FusedDisentangledAttention.apply
     fused_attention.FusedDisentangledAttention.apply = lambda q, *args: calls.append(q.shape[2]) or apply(q, *args)
@@ -95,12 +95,14 @@ def compare_models(pos_att_type):
     mask[1, 60:] = 0
     labels = torch.where(torch.arange(72) % 4 == 0, ids, -100)
     results = {}
-    for impl in ("math", "fused"):
+    for impl in ("plain", "fused"):
         torch.manual_seed(1)
-        mlm = DebertaForMaskedLM(config.replace(attention_impl=impl)).train()
+        mlm = DebertaForMaskedLM(config).train()
+        if impl != "plain":
+            convert.apply(mlm, impl)
         loss = mlm(input_ids=ids, attention_mask=mask, labels=labels).loss
         results[impl] = (loss, torch.autograd.grad(loss, list(mlm.parameters()), allow_unused=True))
-    (loss, grads), (fused_loss, fused_grads) = results["math"], results["fused"]
+    (loss, grads), (fused_loss, fused_grads) = results["plain"], results["fused"]
     assert sum(g is not None for g in grads) > 10
     assert all((a is None) == (b is None) for a, b in zip(grads, fused_grads))
     # the encoder ran its first two layers fused (the EMD replaces the last), the EMD (selected query
@@ -126,6 +128,7 @@ def compare_half():
     import torch
     from model import preset
     from model.attention import DisentangledSelfAttention, attention_mask_4d, relative_position_index
+    from model.fast import convert
     config = preset("tiny", hidden_size=128, num_attention_heads=2, intermediate_size=256, position_buckets=64,
                     max_relative_positions=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     B, N = 2, 128
@@ -139,7 +142,9 @@ def compare_half():
     state = DisentangledSelfAttention(config).state_dict()
 
     def run(impl, dtype):
-        module = DisentangledSelfAttention(config.replace(attention_impl=impl)).to(dtype)
+        module = DisentangledSelfAttention(config).to(dtype)
+        if impl != "math":
+            convert.apply(module, impl)
         module.load_state_dict(state)
         inputs = [hidden.to(dtype).requires_grad_(), rel_embeddings.to(dtype).requires_grad_()]
         out = module(inputs[0], mask4d, rel_index, inputs[1])

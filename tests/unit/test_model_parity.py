@@ -1,11 +1,13 @@
 """Our DeBERTa-v2 against transformers' on the same random weights (CPU, fp32): outputs in eval mode,
-gradients in training mode with dropout 0, the EMD against the spec's recipe on transformers' modules,
-and the SDPA attention path against the eager path."""
+gradients in training mode with dropout 0, the EMD against the spec's recipe on transformers' modules; the
+plain model ("plain": model/, the math path) and the converted one (model/fast/convert.py with an attention
+path) alike, and every converted model against the plain one."""
 import pytest
 import torch
 
 from tests.helpers.hf_oracle import hf_and_ours
 from model import preset
+from model.fast import convert
 
 TOL = 1e-5
 SMALL = dict(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=3, vocab_size=1000,
@@ -41,10 +43,10 @@ def max_diff_valid(a, b, mask):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("impl", ["plain", "eager", "sdpa"])
 def test_base_model_matches_transformers(name, impl):
-    config = CONFIGS[name].replace(attention_impl=impl)
-    theirs, ours = hf_and_ours(config, "base")
+    config = CONFIGS[name]
+    theirs, ours = hf_and_ours(config, "base", impl=impl)
     for seq_len, pad_from in [(1, None), (7, 4), (128, 100)]:
         ids, mask = batch(seq_len, pad_from=pad_from)
         tt = torch.randint(0, 2, ids.shape) if config.type_vocab_size else None
@@ -54,10 +56,9 @@ def test_base_model_matches_transformers(name, impl):
         assert max_diff_valid(a, b, mask) <= TOL, (name, seq_len)
 
 
-@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("impl", ["plain", "eager", "sdpa"])
 def test_full_length_512_with_padding(impl):
-    config = CONFIGS["v2"].replace(attention_impl=impl)
-    theirs, ours = hf_and_ours(config, "base")
+    theirs, ours = hf_and_ours(CONFIGS["v2"], "base", impl=impl)
     ids, mask = batch(512, pad_from=300)
     with torch.no_grad():
         a = theirs(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -75,9 +76,10 @@ def test_reference_path_padded_rows_follow_transformers5():
     assert (a - b).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("impl", ["plain", "auto"])
 @pytest.mark.parametrize("name", ["v2", "unshared_p2c", "no_conv"])
-def test_mlm_head_without_emd_matches_transformers(name):
-    theirs, ours = hf_and_ours(CONFIGS[name], "mlm", emd=False)
+def test_mlm_head_without_emd_matches_transformers(name, impl):
+    theirs, ours = hf_and_ours(CONFIGS[name], "mlm", emd=False, impl=impl)
     ids, mask = batch(32, pad_from=20)
     with torch.no_grad():
         a = theirs(input_ids=ids, attention_mask=mask).logits
@@ -125,10 +127,10 @@ def test_regression_and_multiple_choice_match_transformers():
     assert abs(a.loss.item() - b.loss.item()) <= TOL
 
 
-@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("impl", ["plain", "eager", "sdpa"])
 def test_gradients_match_transformers_in_training_mode(impl):
-    config = CONFIGS["v2"].replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attention_impl=impl)
-    theirs, ours = hf_and_ours(config, "mlm", emd=False)
+    config = CONFIGS["v2"].replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    theirs, ours = hf_and_ours(config, "mlm", emd=False, impl=impl)
     theirs.train()
     ours.train()
     ids, mask = batch(40, pad_from=30)
@@ -161,10 +163,9 @@ def emd_on_transformers(theirs, table, ids, mask, steps=2):
     return theirs.lm_predictions(query, deberta.embeddings.word_embeddings)
 
 
-@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("impl", ["plain", "eager", "sdpa"])
 def test_enhanced_mask_decoder_matches_spec_recipe(impl):
-    config = CONFIGS["v2"].replace(attention_impl=impl)
-    theirs, ours = hf_and_ours(config, "mlm", emd=True)
+    theirs, ours = hf_and_ours(CONFIGS["v2"], "mlm", emd=True, impl=impl)
     table = ours.deberta.embeddings.position_embeddings.weight.detach()
     ids, mask = batch(48, pad_from=40)
     with torch.no_grad():
@@ -175,12 +176,12 @@ def test_enhanced_mask_decoder_matches_spec_recipe(impl):
     assert max_diff_valid(plain, got, mask) > 1e-3  # the EMD really changes the prediction
 
 
-@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("impl", ["plain", "eager", "sdpa"])
 def test_enhanced_mask_decoder_at_masked_positions_is_exact(impl):
     """With labels, the EMD runs its query rows at the labelled positions only: the same logits, loss and
     gradients as the full EMD read at those positions (padding rows, uneven counts per sequence)."""
-    config = CONFIGS["v2"].replace(attention_impl=impl, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    _, ours = hf_and_ours(config, "mlm", emd=True)
+    config = CONFIGS["v2"].replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    _, ours = hf_and_ours(config, "mlm", emd=True, impl=impl)
     ids, mask = batch(48, batch_size=3, pad_from=40)
     labels = torch.full_like(ids, -100)
     labels[0, [0, 7, 30, 47]] = ids[0, [0, 7, 30, 47]]
@@ -200,7 +201,7 @@ def test_enhanced_mask_decoder_at_masked_positions_is_exact(impl):
 
 def test_bf16_autocast_follows_fp32():
     """Mixed precision: the bf16 forward stays close to fp32 (no overflow in the fused bias path)."""
-    _, ours = hf_and_ours(CONFIGS["v2"], "mlm", emd=True)
+    _, ours = hf_and_ours(CONFIGS["v2"], "mlm", emd=True, impl="auto")
     ids, mask = batch(64, pad_from=50)
     with torch.no_grad():
         ref = ours(input_ids=ids, attention_mask=mask).logits
@@ -296,9 +297,9 @@ def test_dropout_keep_mask_is_an_inverted_dropout_with_keep_probability_1_minus_
 
 
 def test_dropout_module_is_an_inverted_dropout_and_the_identity_in_eval():
-    from model.layers import Dropout
+    d = convert.apply(torch.nn.Dropout(0.2))
+    assert type(d).__name__ == "CheapDropout"
     torch.manual_seed(0)
-    d = Dropout(0.2)
     x = torch.randn(2, 500, 768, dtype=torch.float64, requires_grad=True)
     y = d(x)
     keep = y != 0
@@ -386,7 +387,8 @@ def test_autocast_linear_equals_autocast_f_linear_in_value_and_gradients():
     the output and every gradient equal what autocast's own F.linear gives."""
     from model.layers import Linear
     torch.manual_seed(0)
-    layer = Linear(24, 16, std=0.5)
+    layer = convert.apply(Linear(24, 16, std=0.5))
+    assert type(layer).__name__ == "AutocastKeepLinear"
     x = torch.randn(3, 5, 24, requires_grad=True)
     grad = torch.randn(3, 5, 16).bfloat16()
     results = []
@@ -413,7 +415,7 @@ def test_no_padding_skips_the_mask_and_changes_nothing(impl, monkeypatch):
     assert attention_mask_4d(mask) is None
     assert torch.equal(attention_mask_4d(batch(16, pad_from=9)[1]), attention_mask_2d_to_4d(batch(16, pad_from=9)[1]))
     torch.manual_seed(0)
-    mlm = DebertaForMaskedLM(CONFIGS["v2"].replace(attention_impl=impl)).train()
+    mlm = convert.apply(DebertaForMaskedLM(CONFIGS["v2"]), impl).train()
     labels = torch.where(torch.arange(16) % 3 == 0, ids, -100)
 
     def loss_and_grads():
@@ -453,10 +455,10 @@ def test_auto_attention_is_the_eager_path_off_cuda():
     assert preset("tiny").attention_impl == "auto"
     ids, mask = batch(12, pad_from=7)
     torch.manual_seed(0)
-    auto = DebertaModel(CONFIGS["v2"]).eval()
-    reference = DebertaModel(CONFIGS["v2"].replace(attention_impl="eager")).eval()
+    auto = convert.apply(DebertaModel(CONFIGS["v2"])).eval()
+    reference = convert.apply(DebertaModel(CONFIGS["v2"]), "eager").eval()
     reference.load_state_dict(auto.state_dict())
-    sdpa = DebertaModel(CONFIGS["v2"].replace(attention_impl="sdpa")).eval()
+    sdpa = convert.apply(DebertaModel(CONFIGS["v2"]), "sdpa").eval()
     sdpa.load_state_dict(auto.state_dict())
     with torch.no_grad():
         out = auto(ids, mask).last_hidden_state
@@ -471,35 +473,39 @@ def test_fused_attention_falls_back_where_its_kernels_cannot_run(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     ids, mask = batch(12, pad_from=7)
     torch.manual_seed(0)
-    fused = DebertaModel(CONFIGS["v2"].replace(attention_impl="fused")).eval()
-    reference = DebertaModel(CONFIGS["v2"].replace(attention_impl="eager")).eval()
+    fused = convert.apply(DebertaModel(CONFIGS["v2"]), "fused").eval()
+    reference = convert.apply(DebertaModel(CONFIGS["v2"]), "eager").eval()
     reference.load_state_dict(fused.state_dict())
     with torch.no_grad():
         assert torch.equal(fused(ids, mask).last_hidden_state, reference(ids, mask).last_hidden_state)
 
 
-@pytest.mark.parametrize("impl", ["eager", "sdpa", "auto"])
+@pytest.mark.parametrize("impl", ["math", "eager", "sdpa", "auto"])
 @pytest.mark.parametrize("name", ["v2", "unshared_p2c", "unshared_c2p", "no_buckets", "absolute"])
 def test_every_attention_path_equals_the_math_path(impl, name):
-    """attention_impl "math" (model/attention.py: the formula term by term, gathers, masked softmax, nn.Dropout)
-    is the oracle: the MLM + EMD model on a padded batch, training mode without dropout, gives the same loss
-    and parameter gradients with every fast path, and the same hidden states in eval mode."""
+    """The plain model (model/: the formula term by term, gathers, masked softmax, nn.Dropout, nn.Linear) is
+    the oracle: the MLM + EMD model on a padded batch, training mode without dropout, gives the same loss and
+    parameter gradients converted with every attention path and every other fast piece (fused QKV, the autocast
+    linear, the recomputed activation, cheap dropout, the float cross-entropy), and the same hidden states in
+    eval mode."""
     from model import DebertaForMaskedLM
     config = CONFIGS[name].replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     ids, mask = batch(40, batch_size=3, pad_from=29)
     labels = torch.full_like(ids, -100)
     labels[:, 3:25:4] = ids[:, 3:25:4]
     results = {}
-    for attention in ("math", impl):
+    for attention in ("plain", impl):
         torch.manual_seed(0)
-        model = DebertaForMaskedLM(config.replace(attention_impl=attention)).train()
+        model = DebertaForMaskedLM(config).train()
+        if attention != "plain":
+            convert.apply(model, attention)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         with torch.no_grad():
             hidden = model.eval().deberta(ids, mask).last_hidden_state
         results[attention] = (loss.item(), grads, hidden)
-    (loss, grads, hidden), (fast_loss, fast_grads, fast_hidden) = results["math"], results[impl]
+    (loss, grads, hidden), (fast_loss, fast_grads, fast_hidden) = results["plain"], results[impl]
     assert abs(loss - fast_loss) < 1e-6 and grads.keys() == fast_grads.keys()
     for key, grad in grads.items():
         assert (grad - fast_grads[key]).abs().max() <= 1e-5 * max(grad.abs().max().item(), 1e-3), key

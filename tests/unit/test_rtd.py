@@ -82,7 +82,7 @@ def test_the_total_loss_is_the_recipe_written_out(sharing):
                              if not k.startswith("embeddings.word_embeddings")})
     hidden = encoder(attention_mask=mask, inputs_embeds=F.embedding(corrupted, table)).last_hidden_state
     head = rtd.discriminator.mask_predictions
-    logits = head.classifer(F.gelu(head.dense(head.LayerNorm(hidden[:, :1] + hidden)))).squeeze(-1)
+    logits = head.classifier(F.gelu(head.dense(head.LayerNorm(hidden[:, :1] + hidden)))).squeeze(-1)
     valid = mask.view(-1).bool()
     bce = F.binary_cross_entropy_with_logits(logits.view(-1)[valid], replaced[valid])
     assert out.loss.item() == pytest.approx((mlm + 10.0 * bce).item(), abs=1e-5)
@@ -176,3 +176,38 @@ def test_per_sequence_seeds_make_the_draws_independent_of_the_batching():
         parts = [rtd(input_ids=inputs[i:i + 1], attention_mask=mask[i:i + 1], labels=labels[i:i + 1],
                      sample_seeds=seeds[i:i + 1]) for i in range(3)]
     assert torch.equal(whole.corrupted, torch.cat([p.corrupted for p in parts]))
+
+
+@pytest.mark.parametrize("spelling", ["classifier", "classifer"])
+def test_a_v3_release_in_the_published_layout_loads_also_with_the_old_classifier_name(spelling, tmp_path, capsys):
+    """The published deberta-v3 layout (pytorch_model.bin with mask_predictions.classifier.*, the generator's
+    file, no generator_config.json) loads into an RTD model; a release that spells the head's classifier
+    `classifer` (an earlier official revision, our releases before) loads the same, with a one-line notice."""
+    from pipeline.release.rtd import load_rtd_release_into
+    from tests.helpers.v3 import write_published_v3
+    source = model("gdes", seed=1)
+    write_published_v3(source, str(tmp_path / "v3"), classifier=spelling)
+    loaded = model("gdes", seed=7)
+    load_rtd_release_into(loaded, str(tmp_path / "v3"), stage=0, rank=0)
+    notice = capsys.readouterr().err
+    if spelling == "classifer":
+        assert notice.count("\n") == 1 and "mask_predictions.classifer.* (the old spelling)" in notice
+    else:
+        assert notice == ""
+    expected = dict(source.named_parameters())
+    for name, param in loaded.named_parameters():  # gdes: the delta comes back as (E_G + E_Δ) - E_G
+        assert torch.allclose(param, expected[name], atol=1e-7, rtol=0), name
+    assert torch.equal(loaded.discriminator.mask_predictions.classifier.weight,
+                       source.discriminator.mask_predictions.classifier.weight)
+
+
+def test_a_state_dict_with_the_old_classifier_name_loads_into_the_discriminator():
+    """A training checkpoint's module state written before the rename (strict load_state_dict, as a resume does)."""
+    source = model("gdes", seed=1)
+    old = {k.replace("mask_predictions.classifier.", "mask_predictions.classifer."): v
+           for k, v in source.state_dict().items()}
+    assert any("classifer" in k for k in old)
+    loaded = model("gdes", seed=7)
+    loaded.load_state_dict(old, strict=True)
+    assert torch.equal(loaded.discriminator.mask_predictions.classifier.bias,
+                       source.discriminator.mask_predictions.classifier.bias)
