@@ -15,7 +15,7 @@ $(STAMP): setup.py
 	touch $@
 
 demo: setup
-	$(PY) scripts/demo.py
+	$(PY) -m scripts.demo
 
 test: setup
 	$(PY) -m pytest tests -ra $(PYTEST_ARGS)
