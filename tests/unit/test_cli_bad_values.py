@@ -65,8 +65,7 @@ def test_every_typed_option_refuses_a_bad_value_in_one_line(command, prefix, opt
     if prefix:  # a subcommand's option: that subcommand in place of the one REQUIRED starts with
         base = prefix + base[1:]
     argv = [command] + base + [option, value]
-    one_line_error(run_cli(argv, capsys), f"argument {option}")
-    assert code == 2
+    one_line_error(run_cli(argv, capsys), f"argument {option}", exit_code=2)
 
 
 SEMANTIC = [
