@@ -172,7 +172,7 @@ def setup(args, work, tasks):
     spec = write_spec(work, "release", model=args.model, spm=prefix + ".model", seed=args.seed, out=work,
                       label_counts=sorted({LABEL_COUNTS[t] for t in tasks if t in LABEL_COUNTS}))
     log = os.path.join(work, "release.log")
-    must(internal(args, __name__, "release", spec, log), "building the initial releases", log)
+    must(internal(args, "bench.finetune_common", "release", spec, log), "building the initial releases", log)
     return data_dir, prefix + ".model"
 
 

@@ -73,6 +73,7 @@ from tests.helpers.launch import single_rank
 TASKS = ("BoolQ", "CB", "RTE", "WiC", "WSC")  # sequence classification: the Trainer can run them
 VARIANTS = ("ours", "ours_sift", "trainer", "trainer_grouped", "ours_ungrouped")
 DEFAULT_VARIANTS = VARIANTS[:4]
+MODULE = "bench.finetune_compare"  # its children run it again: python -m MODULE --internal ACTION SPEC
 NORMAL = dict(train_examples=512, val_examples=32, epochs=2, rounds=3)
 QUICK = dict(train_examples=48, val_examples=8, epochs=1, rounds=1)
 
@@ -255,7 +256,7 @@ def run_variant(args, work, variant, task, data_dir, run_no):
                       seed=args.seed, group_by_length=variant == "trainer_grouped", out=out,
                       result=os.path.join(out, "result.json"))
     # what `torchrun --nproc_per_node 1` sets: accelerate then joins the process group itself (module docstring)
-    code, wall, rss, gpu = internal(args, __name__, "trainer", spec, log, extra_env=single_rank())
+    code, wall, rss, gpu = internal(args, MODULE, "trainer", spec, log, extra_env=single_rank())
     if code != 0:
         return {"failed": f"exit {code}: {last_line(log)}", "log": log}
     with open(os.path.join(out, "result.json"), encoding="utf-8") as f:
@@ -288,7 +289,7 @@ def compare(args, work, emit):
     data_dir, spm = setup(args, work, args.tasks)
     spec = write_spec(work, "encode", spm=spm, data_dir=data_dir, tasks=args.tasks, max_seq_len=args.max_seq_len, out=work)
     log = os.path.join(work, "encode.log")
-    must(internal(args, __name__, "encode", spec, log), "encoding the tasks", log)
+    must(internal(args, MODULE, "encode", spec, log), "encoding the tasks", log)
     stats = {}
     for task in args.tasks:
         with open(os.path.join(work, f"{task}.features.json"), encoding="utf-8") as f:
@@ -372,7 +373,7 @@ def main(argv=None, emit=print):
     args = parse_args(argv)
     if args.internal:
         return run_internal(args.internal, {"encode": encode_features, "trainer": trainer_run})
-    return run_bench(args, "bench.finetune_compare", compare, emit)
+    return run_bench(args, MODULE, compare, emit)
 
 
 if __name__ == "__main__":
