@@ -15,7 +15,7 @@ $(STAMP): setup.py
 	touch $@
 
 demo: setup
-	$(PY) scripts/demo.py
+	$(PY) -m scripts.demo
 
 test: setup
 	$(PY) -m pytest tests -ra $(PYTEST_ARGS)
@@ -24,8 +24,9 @@ test: setup
 unit: setup
 	$(PY) -m pytest tests/unit -ra $(PYTEST_ARGS)
 
+# the benches run as modules from the root: python -m bench.NAME (bench/__init__.py lists them)
 bench: setup
-	$(PY) bench/train_step.py $(BENCH_ARGS)
+	$(PY) -m bench.train_step $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bench/finetune.py on one GPU with the 1.5B preset (xxlarge: 48 layers, hidden 1536, vocab 128100):
+# The fine-tuning benches (python -m bench.finetune_compare, bench.finetune_record) on one GPU with the 1.5B preset (xxlarge: 48 layers, hidden 1536, vocab 128100):
 # `deberta-ds finetune` against transformers.Trainer + DebertaV2ForSequenceClassification, both under
 # ds_configs/finetune_zero2_bf16.json (ZeRO-2, bf16; the Trainer gets bf16=True to match the config), on
 # shorter synthetic data than the CPU default. From the repository root:
@@ -23,19 +23,19 @@ TASKS="${TASKS:-BoolQ,RTE,CB}"
 mkdir -p "$OUT"
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] && PYTHON="${PYTHON_VENV:-.venv/bin/python}"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 COMMON=(--model xxlarge --deepspeed finetune_zero2_bf16 --batch-size 16 --lr 1e-5 --warmup-steps 4 --seed 42)
 
 echo "== 1. fine-tuning: ours vs transformers.Trainer, 1.5B, ZeRO-2 bf16, one GPU"
-timeout 1500 "$PYTHON" bench/finetune.py compare "${COMMON[@]}" --tasks "$TASKS" --train-examples 256 \
+timeout 1500 "$PYTHON" -m bench.finetune_compare "${COMMON[@]}" --tasks "$TASKS" --train-examples 256 \
     --val-examples 16 --epochs 1 --rounds 1 --max-seq-len 256 --work-dir "$OUT/finetune_work" \
     --json "$OUT/finetune.json" 2>&1 | tee "$OUT/finetune.txt"
 
 echo "== 2. ReCoRD: rows per query and one epoch, 1.5B"
 BEFORE=()
 [ -n "${BEFORE_TREE:-}" ] && BEFORE=(--before-tree "$BEFORE_TREE")
-timeout 900 "$PYTHON" bench/finetune.py record "${COMMON[@]}" "${BEFORE[@]}" --train-examples 64 --val-examples 8 \
+timeout 900 "$PYTHON" -m bench.finetune_record "${COMMON[@]}" "${BEFORE[@]}" --train-examples 64 --val-examples 8 \
     --max-seq-len 512 --work-dir "$OUT/record_work" --json "$OUT/record.json" 2>&1 | tee "$OUT/record.txt"
 # the releases (~6 GB each) are not results
 rm -rf "$OUT"/finetune_work/release_* "$OUT"/record_work/release_*

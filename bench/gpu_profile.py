@@ -2,7 +2,7 @@
 from torch.profiler), in one short run; bench/gpu_checks.sh runs it with the whole-step comparison
 against transformers (bench/train_step.py).
 
-    python3 bench/gpu_profile.py --out $OUT/profile.txt        (needs CUDA; about a minute on an H200)
+    python3 -m bench.gpu_profile --out $OUT/profile.txt       (needs CUDA; about a minute on an H200)
 
 1. One layer's attention, forward + backward at the training batch, per variant (transformers,
    ours "eager", "sdpa" and "fused" (model/fast/attention_paths.py), and flex attention with the
@@ -15,35 +15,33 @@ Each section is written to the report as soon as it is done.
 """
 import argparse
 import os
-import sys
 import time
 import traceback
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import train_step  # noqa: E402
-from model import preset  # noqa: E402
-from model.attention import DisentangledSelfAttention, relative_position_index  # noqa: E402
-from model.fast import convert  # noqa: E402
-from model.fast.attention_paths import relative_bias  # noqa: E402
-from model.fast.relative_bias import distance_index  # noqa: E402
+from bench import train_step
+from model import preset
+from model.attention import DisentangledSelfAttention, relative_position_index
+from model.fast import convert
+from model.fast.attention_paths import relative_bias
+from model.fast.relative_bias import distance_index
+from pipeline.cli import Parser
+from pipeline.cli_types import at_least, positive_int
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m bench.gpu_profile", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="report file (default $OUT/gpu_profile.txt)")
-    p.add_argument("--batch", type=int, default=16, help="sequences (default 16)")
-    p.add_argument("--seq", type=int, default=512, help="tokens per sequence (default 512)")
+    p.add_argument("--batch", type=positive_int, default=16, help="sequences (default 16)")
+    p.add_argument("--seq", type=at_least(8), default=512, help="tokens per sequence (default 512)")
     p.add_argument("--step-impls", default="eager,sdpa",
                    help="attention paths for the whole-step section, comma-separated (default eager,sdpa); "
                         "the first is profiled")
     p.add_argument("--skip-flex", action="store_true", help="leave out the flex variants")
     p.add_argument("--skip-step", action="store_true", help="leave out the whole-step section")
-    p.add_argument("--rows", type=int, default=30, help="kernels per table (default 30)")
+    p.add_argument("--rows", type=positive_int, default=30, help="kernels per table (default 30)")
     return p.parse_args()
 
 

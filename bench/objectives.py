@@ -1,7 +1,7 @@
 """MLM + EMD (DeBERTa-v2) against RTD + GDES (DeBERTa-v3) for the same wall-clock time on the demo corpus, each
 then fine-tuned on the demo's BoolQ-format task with several seeds: a measured comparison, no threshold.
 
-    python bench/objectives.py [--work /tmp/bench-objectives] [--seconds 300] [--seeds 1 2 3]
+    python -m bench.objectives [--work /tmp/bench-objectives] [--seconds 300] [--seeds 1 2 3]
 
 The data are the demo's (scripts/demo.py: the corpus, a 1000-piece tokenizer, 128-token shards, the last corpus
 file held out, the BoolQ-format "does the passage say return" task). Each objective pretrains the demo's tiny
@@ -12,7 +12,6 @@ layout) and fine-tuned with the demo's settings once per seed. Printed: per obje
 last logged losses, and the best val accuracy per seed with their mean.
 """
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -22,21 +21,16 @@ import subprocess
 import sys
 import time
 
-from runs import ROOT, free_port
-from runs import cli as run_cli
-ENV = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+from pipeline.cli import Parser
+from pipeline.cli_types import positive_float
+from tests.helpers import launch
+from tests.helpers.launch import ROOT, or_exit, pretrain_command, run_env
+from tests.helpers.superglue import boolq_from_corpus
 
 
 def cli(*args):
-    return run_cli(*args, env=ENV)
-
-
-def demo_module():
-    """scripts/demo.py, for its BoolQ-format task builder (the same task as `make demo`)."""
-    spec = importlib.util.spec_from_file_location("demo", os.path.join(ROOT, "scripts", "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """`deberta-ds ARGS`; the bench stops with the command's error if it fails."""
+    return or_exit(launch.cli(*args, timeout=None), f"deberta-ds {args[0]}")
 
 
 def prepare_data(work):
@@ -52,7 +46,7 @@ def prepare_data(work):
         "--max-seq-len", "128", "--no-progress")
     cli("preprocess", "--input", files[-1], "--tokenizer", spm, "--output-dir", os.path.join(work, "valid"),
         "--max-seq-len", "128", "--no-progress")
-    demo_module().boolq_from_corpus(corpus, superglue)
+    boolq_from_corpus(corpus, superglue)
 
 
 def pretrain_for(objective, seconds, work):
@@ -64,15 +58,13 @@ def pretrain_for(objective, seconds, work):
             if json.load(f)["seconds"] == seconds:
                 return run
     if os.path.exists(run):
-        sys.exit(f"{run} exists: remove it (or choose another --work) to measure again")
+        sys.exit(f"error: {run} exists: remove it (or choose another --work) to measure again")
     sets = ["max_steps=100000", "save_interval=100000", "log_interval=25", "eval_interval=100000",
             "warmup_steps=60", f"objective={objective}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "pipeline.cli", "pretrain", "--config", "configs/pretrain_tiny_cpu.json", "--deepspeed",
-           "ds_configs/cpu_zero3_fp32.json", "--data-dir", os.path.join(work, "shards"), "--valid-data-dir",
-           os.path.join(work, "valid"), "--output-dir", run] + [a for s in sets for a in ("--set", s)]
+    cmd = pretrain_command(os.path.join(work, "shards"), run, sets=sets,
+                           args=["--valid-data-dir", os.path.join(work, "valid")])
     with open(os.path.join(work, f"pretrain-{objective}.log"), "w") as log:
-        torchrun = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+        torchrun = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=log, stderr=subprocess.STDOUT)
         metrics = os.path.join(run, "metrics.jsonl")
         while not os.path.exists(metrics) and torchrun.poll() is None:
             time.sleep(0.5)
@@ -86,7 +78,7 @@ def pretrain_for(objective, seconds, work):
     with open(log.name) as f:
         codes = re.findall(r"exitcode\s*:\s*(-?\d+)", f.read())
     if torchrun.returncode != 0 and not (codes and set(codes) == {"75"}):
-        sys.exit(f"pretrain ({objective}) exited {torchrun.returncode} (ranks: {codes}): see {log.name}")
+        sys.exit(f"error: pretrain ({objective}) exited {torchrun.returncode} (ranks: {codes}): see {log.name}")
     with open(done, "w") as f:
         json.dump({"seconds": seconds}, f)
     return run
@@ -114,12 +106,14 @@ def finetune(release, seed, work, objective):
         return json.load(f)["best"]["val"]["accuracy"]
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default="/tmp/bench-objectives")
-    p.add_argument("--seconds", type=float, default=300, help="pretraining time per objective after its first step")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="fine-tuning seeds")
-    args = p.parse_args()
+def main(argv=None):
+    p = Parser(prog="python -m bench.objectives", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="/tmp/bench-objectives", help="work directory, reused (default %(default)s)")
+    p.add_argument("--seconds", type=positive_float, default=300,
+                   help="pretraining time per objective after its first step (default 300)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="fine-tuning seeds (default 1 2 3)")
+    args = p.parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
     prepare_data(args.work)
     report = {"seconds": args.seconds}

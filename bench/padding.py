@@ -1,6 +1,6 @@
 """Padding in fine-tuning batches, with and without length grouping, for the eight SuperGLUE tasks.
 
-    .venv/bin/python bench/padding.py [--micro-batch-size N] [--json OUT]
+    python -m bench.padding [--micro-batch-size N] [--json OUT]
 
 No training: for each task, sequence lengths are drawn at the size of its official training set, and an epoch
 of batches is formed by pipeline/finetune/batches.py exactly as `deberta-ds finetune` forms it (the task
@@ -8,24 +8,20 @@ preset's batch size and max_seq_len; micro-batches of --micro-batch-size, defaul
 with group_by_length off and on. Padding fraction = padded positions / all positions of the micro-batches.
 
 Lengths: words per example from a lognormal fitted to the 10th and 90th percentiles measured on the official
-training lines (bench/finetune.py WORDS; MultiRC per answer row, ReCoRD per query, COPA per choice), times
+training lines (WORDS in tests/helpers/superglue.py; MultiRC per answer row, ReCoRD per query, COPA per choice), times
 TOKENS_PER_WORD, plus the [CLS]/[SEP] tokens, cut at max_seq_len. ReCoRD is one sequence per query, as the
 entity-scoring format encodes it (the candidate rows it replaced padded alike: every row of a query has about
 the passage's length). COPA's two choices of an example are padded together.
 """
 import argparse
 import json
-import os
 import random
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from finetune import WORDS, lognormal_words  # noqa: E402  (bench/finetune.py: the measured percentiles)
-from pipeline.cli_types import positive_int  # noqa: E402
-from pipeline.finetune.batches import epoch_micro_batches, feature_length, padding_fraction  # noqa: E402
-from pipeline.finetune.config import FinetuneConfig, load_preset  # noqa: E402
+from pipeline.cli import Parser
+from pipeline.cli_types import positive_int
+from pipeline.finetune.batches import epoch_micro_batches, feature_length, padding_fraction
+from pipeline.finetune.config import FinetuneConfig, load_preset
+from tests.helpers.superglue import WORDS, lognormal_words
 
 TRAIN_SIZE = {"BoolQ": 9427, "CB": 250, "COPA": 400, "MultiRC": 27243, "ReCoRD": 100730, "RTE": 2490,
               "WiC": 5428, "WSC": 554}   # MultiRC: answer rows; ReCoRD: queries
@@ -56,8 +52,8 @@ def padding_of(task, micro_batch_size, grouped, seed):
 
 
 def main():
-    parser = argparse.ArgumentParser(prog="bench/padding.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m bench.padding", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--micro-batch-size", type=positive_int, default=None,
                         help="sequences per forward (default: the task preset's whole batch size)")
     parser.add_argument("--seed", type=int, default=42)

@@ -1,6 +1,6 @@
 """Pipeline mode's training step time: `deberta-ds pretrain --set mode=pipeline` on 2 CPU ranks (2 stages).
 
-    python bench/pipeline_step.py [--work /tmp/bench-pipe] [--steps 30] [--layers 4] [--hidden 256] [--seq 256]
+    python -m bench.pipeline_step [--work /tmp/bench-pipe] [--steps 30] [--layers 4] [--hidden 256] [--seq 256]
 
 Builds the demo corpus, a 1000-piece tokenizer and shards of --seq tokens in --work (once; reused when
 present), then runs the real command under torchrun with 2 ranks and 2 pipeline stages, fp32, no dropout,
@@ -14,26 +14,21 @@ import os
 import statistics
 import time
 
-from runs import ROOT, cli, torchrun_pretrain
+from bench.runs import demo_shards, pretrain_metrics
+from pipeline.cli import Parser
+from pipeline.cli_types import at_least
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default="/tmp/bench-pipeline-step")
-    p.add_argument("--steps", type=int, default=30, help="training steps (default 30; logged every 5)")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--seq", type=int, default=256)
-    args = p.parse_args()
-    env = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    shards = os.path.join(args.work, f"shards-{args.seq}")
-    if not os.path.exists(os.path.join(shards, "spm.model")):
-        cli("corpus", "--output", os.path.join(args.work, "corpus"), "--max-bytes", "1500000", env=env)
-        cli("tokenizer", "train", "--input", os.path.join(args.work, "corpus", "*"), "--output",
-            os.path.join(args.work, "spm"), "--vocab-size", "1000", env=env)
-        cli("preprocess", "--input", os.path.join(args.work, "corpus", "*"), "--tokenizer",
-            os.path.join(args.work, "spm.model"), "--output-dir", shards, "--max-seq-len", str(args.seq),
-            "--no-progress", env=env)
+def main(argv=None):
+    p = Parser(prog="python -m bench.pipeline_step", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="/tmp/bench-pipeline-step", help="work directory (default %(default)s)")
+    p.add_argument("--steps", type=at_least(10), default=30, help="training steps (default 30; logged every 5)")
+    p.add_argument("--layers", type=at_least(2), default=4, help="encoder layers (default 4; 2 stages)")
+    p.add_argument("--hidden", type=at_least(64), default=256, help="hidden size, heads of 64 (default 256)")
+    p.add_argument("--seq", type=at_least(16), default=256, help="tokens per sequence (default 256)")
+    args = p.parse_args(argv)
+    shards = demo_shards(args.work, args.seq)
     out = os.path.join(args.work, f"run-{time.time():.0f}")
     overrides = {"num_hidden_layers": args.layers, "hidden_size": args.hidden,
                  "num_attention_heads": max(1, args.hidden // 64), "intermediate_size": 4 * args.hidden,
@@ -41,7 +36,7 @@ def main():
     sets = ["mode=pipeline", "pipeline_stages=2", f"max_steps={args.steps}", "save_interval=100000",
             "log_interval=5", "global_batch_size=16", "micro_batch_size=4", "warmup_steps=2",
             f"model_overrides={json.dumps(dict(overrides, vocab_size=1100))}"]
-    records = torchrun_pretrain(sets, "cpu_pipeline_fp32", shards, out, env)
+    records = pretrain_metrics(sets, "cpu_pipeline_fp32", shards, out)
     times = [r["step_time_s"] for r in records if "step_time_s" in r][1:]
     print(json.dumps({"layers": args.layers, "hidden": args.hidden, "seq": args.seq, "steps": args.steps,
                       "step_time_s_median": statistics.median(times), "step_time_s": times}))

@@ -1,6 +1,6 @@
 """Preprocessing and loader throughput.
 
-  python bench/preprocess.py [--work DIR] [--vocab-size 8000] [--scale 10]
+  python -m bench.preprocess [--work DIR] [--vocab-size 8000] [--scale 10]
 
 Prints: raw sentencepiece tokens/s (one process, same text, the model's own normalizer), `preprocess`
 tokens/s with 1 and 2 workers (ratio to raw per worker), the peak RSS of `preprocess` on the corpus and on
@@ -14,16 +14,16 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from pipeline.data import corpus, tokenizer  # noqa: E402
-from pipeline.data.mlm_loader import build_pretrain_loader  # noqa: E402
+from pipeline.cli import Parser
+from pipeline.cli_types import at_least, positive_int
+from pipeline.data import corpus, tokenizer
+from pipeline.data.mlm_loader import build_pretrain_loader
+from tests.helpers.launch import ROOT, run_env
 
 # `deberta-ds preprocess` (pipeline/data/preprocess.py) in a process of its own, its options parsed by the
-# command's own parser (every other option at the command's default)
+# command's own parser (every other option at the command's default); the checkout comes first on PYTHONPATH
 CHILD = """
 import json, resource, sys, time, argparse
-sys.path.insert(0, {root!r})
 from pipeline.data import preprocess
 parser = argparse.ArgumentParser()
 preprocess.add_arguments(parser)
@@ -32,16 +32,15 @@ start = time.perf_counter()
 preprocess.preprocess(args, 0, 1)
 seconds = time.perf_counter() - start
 peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-print(json.dumps({{"seconds": seconds, "peak_rss_mib": peak / 1024}}))
+print(json.dumps({"seconds": seconds, "peak_rss_mib": peak / 1024}))
 """
 
 
 def run_preprocess(files, spm_path, out_dir, workers):
     args = ["--input", *files, "--tokenizer", spm_path, "--output-dir", out_dir, "--max-seq-len", "512",
             "--workers", str(workers), "--max-line-bytes", str(1 << 24), "--no-progress"]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", CHILD.format(root=root), json.dumps(args)],
-                            check=True, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], cwd=ROOT,
+                            env=run_env(cpu=False, threads=None), check=True, capture_output=True, text=True)
     return json.loads(result.stdout)
 
 
@@ -70,10 +69,12 @@ def raw_sentencepiece(spm_path, files):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m bench.preprocess", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=None, help="work directory (default: a temporary one)")
-    parser.add_argument("--vocab-size", type=int, default=8000, help="tokenizer size (default %(default)s)")
-    parser.add_argument("--scale", type=int, default=10, help="corpus repetitions for the RSS test (default %(default)s)")
+    parser.add_argument("--vocab-size", type=at_least(200), default=8000, help="tokenizer size (default %(default)s)")
+    parser.add_argument("--scale", type=positive_int, default=10,
+                        help="corpus repetitions for the RSS test (default %(default)s)")
     options = parser.parse_args()
     work = options.work or tempfile.mkdtemp(prefix="bench-preprocess-")
     files = [str(p) for p in corpus.write_corpus(os.path.join(work, "corpus"))]

@@ -37,11 +37,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from model import DebertaForMaskedLM, preset  # noqa: E402
-from model.fast import convert  # noqa: E402
+from model import DebertaForMaskedLM, preset
+from model.fast import convert
+from pipeline.cli import Parser
+from pipeline.cli_types import at_least, fraction, names_from, positive_int
+from tests.helpers.launch import ROOT
 
 # "cpu": the 6-layer base-width model of the issue (fits 2 cores); "xxlarge": the 1.5B model.
 SIZES = {
@@ -56,26 +56,27 @@ STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2 ** 20), "MALLOC_TRIM_THRES
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m bench.train_step", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
     p.add_argument("--preset", default=None, choices=sorted(SIZES),
                    help="model size: 'cpu' (6 layers, hidden 768, vocab 32000; default on cpu) or 'xxlarge' (1.5B; default on cuda)")
-    p.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
-    p.add_argument("--seq", type=int, default=512, help="tokens per sequence (default 512)")
+    p.add_argument("--batch", type=positive_int, default=4, help="sequences per step (default 4)")
+    p.add_argument("--seq", type=at_least(8), default=512, help="tokens per sequence (default 512)")
     p.add_argument("--dtype", default="both", choices=["fp32", "bf16", "both"],
                    help="fp32, bf16 autocast (fp32 weights, as mixed-precision training), or both (default)")
     p.add_argument("--mode", default="both", choices=["train", "infer", "both"], help="what to time (default both)")
-    p.add_argument("--variants", default=None,
+    p.add_argument("--variants", type=names_from(sorted(set(TRAIN_VARIANTS + INFER_VARIANTS))), default=None,
                    help=f"comma-separated subset; train: {','.join(TRAIN_VARIANTS)}; infer: {','.join(INFER_VARIANTS)}")
-    p.add_argument("--mask-prob", type=float, default=0.15, help="fraction of positions with an MLM label (default 0.15)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant before timing (default 1)")
-    p.add_argument("--steps", type=int, default=1, help="timed steps per variant per round (default 1)")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median round counts (default 3)")
+    p.add_argument("--mask-prob", type=fraction, default=0.15, help="fraction of positions with an MLM label (default 0.15)")
+    p.add_argument("--warmup", type=at_least(0), default=1, help="untimed steps per variant before timing (default 1)")
+    p.add_argument("--steps", type=positive_int, default=1, help="timed steps per variant per round (default 1)")
+    p.add_argument("--rounds", type=positive_int, default=3, help="alternating rounds; the median round counts (default 3)")
     p.add_argument("--attention-impl", default=None, choices=["auto", "math", "eager", "sdpa", "fused"],
                    help="our attention path: math (the plain formula), eager, sdpa or fused (model/fast/"
                         "attention_paths.py); default: the config's, auto")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory runs")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--default-malloc", action="store_true",
                    help="time with glibc malloc's default settings (see Allocator above)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -217,7 +218,7 @@ def autocast_for(dtype_name, device):
 
 
 def peak_memory_subprocess(args, variant, mode, dtype_name):
-    cmd = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--preset", args.preset,
+    cmd = [sys.executable, "-m", "bench.train_step", "--device", args.device, "--preset", args.preset,
            "--batch", str(args.batch), "--seq", str(args.seq), "--mask-prob", str(args.mask_prob),
            "--mode", mode, "--dtype", dtype_name, "--probe", variant, "--warmup", "1", "--steps", "1"]
     if args.attention_impl:
@@ -225,7 +226,7 @@ def peak_memory_subprocess(args, variant, mode, dtype_name):
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = {k: v for k, v in os.environ.items() if k not in STEADY_MALLOC}  # memory: glibc's defaults
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"memory run of {variant} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -264,8 +265,7 @@ def probe(args):
 def bench_mode(args, config, mode, dtype_name, peaks):
     variants = TRAIN_VARIANTS if mode == "train" else INFER_VARIANTS
     if args.variants:
-        wanted = args.variants.split(",")
-        variants = [v for v in variants if v in wanted]
+        variants = [v for v in variants if v in args.variants]
     if not transformers_available():
         variants = [v for v in variants if v != "theirs"]
     autocast = autocast_for(dtype_name, args.device)
@@ -339,7 +339,9 @@ def main(argv=None, emit=print):
     if args.device == "cpu" and not args.probe and not args.default_malloc and argv is None \
             and any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items()):
         # malloc reads these once, at start: run again with them (see Allocator above)
-        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__)] + sys.argv[1:], {**os.environ, **STEADY_MALLOC})
+        path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)  # finds bench from anywhere
+        os.execve(sys.executable, [sys.executable, "-m", "bench.train_step"] + sys.argv[1:],
+                  {**os.environ, **STEADY_MALLOC, "PYTHONPATH": path})
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.probe:

@@ -30,40 +30,39 @@ import subprocess
 import sys
 import time
 
-from runs import ROOT, free_port
-
-sys.path.insert(0, ROOT)
+from pipeline.cli import Parser
+from pipeline.cli_types import at_least, names_from, positive_int
+from tests.helpers.launch import ROOT, run_env, single_rank
 
 VARIANTS = ("bare", "z1", "z2", "z3", "z3_leaf")
 STAGE = {"z1": 1, "z2": 2, "z3": 3, "z3_leaf": 3}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m bench.zero_overhead", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: fp32 on cpu, bf16 on cuda")
-    p.add_argument("--layers", type=int, default=48, help="encoder layers (default 48, the 1.5B preset's)")
-    p.add_argument("--hidden", type=int, default=64,
+    p.add_argument("--layers", type=positive_int, default=48, help="encoder layers (default 48, the 1.5B preset's)")
+    p.add_argument("--hidden", type=at_least(0), default=64,
                    help="hidden size, heads of 64 (default 64); 0: the preset's (1536: the 1.5B model)")
-    p.add_argument("--batch", type=int, default=2, help="micro-batch (default 2)")
-    p.add_argument("--seq", type=int, default=64, help="tokens per sequence (default 64)")
+    p.add_argument("--batch", type=positive_int, default=2, help="micro-batch (default 2)")
+    p.add_argument("--seq", type=at_least(8), default=64, help="tokens per sequence (default 64)")
     p.add_argument("--no-checkpointing", action="store_true", help="without activation checkpointing")
     p.add_argument("--deepspeed", default="zero3_bf16",
                    help="DeepSpeed config whose ZeRO settings the variants share: a path or a shipped name "
                         "(default zero3_bf16: ds_configs/zero3_bf16.json)")
     p.add_argument("--ds", action="append", default=[], metavar="KEY=VALUE",
                    help="override a DeepSpeed-config setting for all variants, as `deberta-ds pretrain --ds`")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {','.join(VARIANTS)}")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=6, help="timed steps per variant; the median is reported")
+    p.add_argument("--variants", type=names_from(VARIANTS), default=list(VARIANTS),
+                   help=f"comma-separated, from {','.join(VARIANTS)} (default all)")
+    p.add_argument("--warmup", type=at_least(0), default=2, help="untimed steps per variant (default 2)")
+    p.add_argument("--steps", type=positive_int, default=6, help="timed steps per variant; the median is reported")
     p.add_argument("--profile", action="store_true",
                    help="then 3 more steps under cProfile: Python function calls and ZeRO-3 parameter fetches per step")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
-    unknown = set(args.variants.split(",")) - set(VARIANTS)
-    if unknown:
-        p.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
     return args
 
 
@@ -192,13 +191,11 @@ def main(argv=None):
           f"{args.dtype} on {args.device}, activation checkpointing {'off' if args.no_checkpointing else 'on'}, "
           f"ZeRO settings from {deepspeed_source(args.deepspeed)} {' '.join(args.ds)}", flush=True)
     results = {}
-    for variant in args.variants.split(","):
-        env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(free_port()), PYTHONPATH=ROOT)
-        if args.device == "cpu":
-            env["DS_ACCELERATOR"] = "cpu"
-        done = subprocess.run([sys.executable, os.path.abspath(__file__), *forwarded, "--child", variant],
-                              env=env, capture_output=True, text=True)
+    for variant in args.variants:
+        # one rank without a launcher; OMP_NUM_THREADS as the caller has it
+        env = run_env(single_rank(), cpu=args.device == "cpu", threads=None)
+        done = subprocess.run([sys.executable, "-m", "bench.zero_overhead", *forwarded, "--child", variant],
+                              env=env, capture_output=True, text=True)  # PYTHONPATH: the root, from anywhere
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode != 0 or not lines:
             print(f"{variant}: failed (exit {done.returncode})\n{done.stderr[-3000:]}", file=sys.stderr)

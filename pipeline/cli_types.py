@@ -45,3 +45,26 @@ def coverage(text):
     if value > 1:
         raise argparse.ArgumentTypeError(f"must be at most 1, got {text}")
     return value
+
+
+def fraction(text):
+    """A probability in [0, 1) (a dropout rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def names_from(allowed):
+    """A comma-separated list of names, each one of `allowed` (e.g. --tasks BoolQ,RTE)."""
+    def parse(text):
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"{','.join(unknown) or repr(text)}: choose from {','.join(allowed)}")
+        return names
+    parse.__name__ = "comma-separated names"
+    return parse

@@ -11,19 +11,20 @@
   6. finetune    a BoolQ-format task made from the corpus, with SiFT, under DeepSpeed
   7. predict     the leaderboard-format submission file
 
-Everything goes to demo_out/ (or $DEMO_OUT); each step is a `deberta-ds` command, printed before it runs.
+Run from the repository root as `python -m scripts.demo` (`make demo`). Everything goes to demo_out/ (or
+$DEMO_OUT); each step is a `deberta-ds` command, printed before it runs.
 Shorter: DEMO_PRETRAIN_STEPS (default 600), DEMO_FINETUNE_EPOCHS (default 6).
 """
 import json
 import os
-import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers.launch import ROOT, cli_command as cli, run_env, torchrun_command
+from tests.helpers.superglue import boolq_from_corpus
+
 OUT = os.path.abspath(os.environ.get("DEMO_OUT", os.path.join(ROOT, "demo_out")))
 
 
@@ -43,9 +44,7 @@ def count_from_env(name, default, least):
 PRETRAIN_STEPS = count_from_env("DEMO_PRETRAIN_STEPS", 600, 4)
 OBJECTIVE = os.environ.get("DEMO_OBJECTIVE", "mlm")  # mlm (DeBERTa-v2) or rtd (DeBERTa-v3)
 FINETUNE_EPOCHS = count_from_env("DEMO_FINETUNE_EPOCHS", 6, 1)
-ENV = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-# a keyword question the tiny model can learn: is the word in the passage?
-KEYWORD = "return"
+ENV = run_env()
 
 
 def step(title, args, log_name):
@@ -82,40 +81,6 @@ def last_line(path):
         text = f.read().decode("utf-8", "replace").replace("\r", "\n")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else "(no output yet)"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cli(*args):
-    return [sys.executable, "-m", "pipeline.cli", *args]
-
-
-def boolq_from_corpus(corpus_dir, out_dir, seed=0):
-    """A BoolQ-format task (official jsonl fields) from corpus paragraphs: "does it mention KEYWORD?"."""
-    passages = []
-    for name in sorted(os.listdir(corpus_dir)):
-        with open(os.path.join(corpus_dir, name), encoding="utf-8") as f:
-            passages += [line.strip()[:240] for line in f if 80 < len(line.strip())]  # fits 128 tokens
-    rng = random.Random(seed)
-    rng.shuffle(passages)
-    with_word = [p for p in passages if f" {KEYWORD} " in p][:300]
-    without = [p for p in passages if KEYWORD not in p][:300]
-    rows = [(p, True) for p in with_word] + [(p, False) for p in without]
-    rng.shuffle(rows)
-    splits = {"train": rows[:400], "val": rows[400:500], "test": rows[500:600]}
-    os.makedirs(os.path.join(out_dir, "BoolQ"), exist_ok=True)
-    for split, items in splits.items():
-        with open(os.path.join(out_dir, "BoolQ", f"{split}.jsonl"), "w", encoding="utf-8") as f:
-            for idx, (passage, label) in enumerate(items):
-                row = {"idx": idx, "question": f"does the passage say {KEYWORD}", "passage": passage}
-                if split != "test":
-                    row["label"] = label
-                f.write(json.dumps(row) + "\n")
-    return {k: len(v) for k, v in splits.items()}
 
 
 def logged_values(run_dir, key):
@@ -180,14 +145,13 @@ def main():
                                      "--workers", "1", "--no-progress"), "preprocess_valid.log")
     step(f"4. pretrain {'MLM+EMD' if OBJECTIVE == 'mlm' else 'RTD (generator + discriminator)'}"
          " (ZeRO-3, 2 CPU ranks)",
-         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-          "-m", "pipeline.cli", "pretrain", "--config", "configs/pretrain_tiny_cpu.json", "--deepspeed",
+         torchrun_command(2, "pipeline.cli", "pretrain", "--config", "configs/pretrain_tiny_cpu.json", "--deepspeed",
           "ds_configs/cpu_zero3_fp32.json", "--data-dir", shards, "--valid-data-dir", valid, "--output-dir", run,
           "--set", f"eval_interval={PRETRAIN_STEPS // 4}", "--set", f"max_steps={PRETRAIN_STEPS}",
           "--set", f"save_interval={PRETRAIN_STEPS // 2}",
           "--set", f"warmup_steps={PRETRAIN_STEPS // 10}",
           "--set", f"log_interval={max(1, min(50, PRETRAIN_STEPS // 12))}",
-          "--set", f"objective={OBJECTIVE}"], "pretrain.log")
+          "--set", f"objective={OBJECTIVE}"), "pretrain.log")
     step("5. convert to a release (and verify it in transformers)",
          cli("convert", "to-release", "--checkpoint", os.path.join(run, "checkpoints"), "--output", release,
              "--verify"), "convert.log")

@@ -70,7 +70,7 @@ def pipeline_run(demo_out):
 
 def record(path, demo_out):
     env = dict(os.environ, DEMO_OUT=demo_out)
-    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "demo.py")], cwd=ROOT, env=env, check=True)
+    subprocess.run([sys.executable, "-m", "scripts.demo"], cwd=ROOT, env=env, check=True)
     run = os.path.join(demo_out, "run")
     with open(os.path.join(demo_out, "finetune", "metrics.json"), encoding="utf-8") as f:
         finetune = json.load(f)

@@ -17,7 +17,7 @@ from pipeline.release import load_release
 from pipeline.release.read import read_state_dict
 from pipeline.release.write import write_config
 from pipeline.cli import main as cli_main
-from tests.helpers.pretrain import NO_DROPOUT, PIPE, ROOT, cli, explain, losses, pretrain, run_env
+from tests.helpers.launch import NO_DROPOUT, PIPE, ROOT, cli, explain, losses, pretrain, run_env
 
 # the tiny run's model (configs/pretrain_tiny_cpu.json) without dropout, so losses are reproducible here
 CONFIG = preset("tiny", vocab_size=1100, max_position_embeddings=128, hidden_dropout_prob=0.0,

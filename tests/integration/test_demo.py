@@ -1,4 +1,4 @@
-"""`make demo` (scripts/demo.py) end to end, shortened (40 pretraining steps, 1 fine-tuning epoch), for both
+"""`make demo` (`python -m scripts.demo`) end to end, shortened (40 pretraining steps, 1 fine-tuning epoch), for both
 objectives: every step a real `deberta-ds` command, the summary read from what they wrote."""
 import json
 import os
@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers.launch import ROOT
 
 
 def run_demo(out, objective):
     env = dict(os.environ, DEMO_OUT=str(out), DEMO_OBJECTIVE=objective, DEMO_PRETRAIN_STEPS="40",
                DEMO_FINETUNE_EPOCHS="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "demo.py")], env=env,
+    return subprocess.run([sys.executable, "-m", "scripts.demo"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
 
 

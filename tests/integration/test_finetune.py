@@ -8,8 +8,6 @@ tiny run about 20 times slower."""
 import json
 import os
 import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,21 +16,17 @@ from model import DebertaForMaskedLM, preset
 from pipeline.release import load_release, save_release
 from pipeline.finetune import tasks as sg
 from pipeline.finetune.features import collate
-from pipeline.launch.env import free_port
 from pipeline.data.tokenizer import Tokenizer
-from tests.helpers.finetune import write_cb_like, write_record_like
+from tests.helpers import launch
+from tests.helpers.launch import ROOT, one_line_error, single_rank
+from tests.helpers.superglue import write_cb_like, write_record_like
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "superglue")
-def subprocess_env():
-    env = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RANK="0",
-               WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    return env
 
 
 def cli(*argv, timeout=120):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *argv], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    """`deberta-ds ARGV` as one rank of DeepSpeed, in a subprocess (module docstring)."""
+    return launch.cli(*argv, extra_env=single_rank(), timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -203,14 +197,6 @@ def test_record_release_loads_in_transformers_as_the_encoder(record_run, spm_pat
 
 
 # ---------------------------------------------------------------- bad input: one line, exit code 1
-def one_line_error(result, *fragments):
-    assert result.returncode == 1, result.stderr[-2000:]
-    error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(error_lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for fragment in fragments:
-        assert fragment in error_lines[0]
-
-
 def test_unknown_label_is_a_one_line_error(tiny_release, cb_data, tmp_path):
     bad = tmp_path / "data"
     os.makedirs(bad / "CB")
@@ -222,23 +208,23 @@ def test_unknown_label_is_a_one_line_error(tiny_release, cb_data, tmp_path):
         (bad / "CB" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     result = cli("finetune", "--task", "CB", "--release", tiny_release, "--data-dir", str(bad),
                  "--output-dir", str(tmp_path / "out"), *TRAIN_OPTIONS)
-    one_line_error(result, "train.jsonl:3", "'maybe'")
+    one_line_error(result, "train.jsonl:3", "'maybe'", exit_code=1)
 
 
 def test_missing_split_is_a_one_line_error(tiny_release, tmp_path):
     write_cb_like(str(tmp_path / "CB" / "train.jsonl"), 4, seed=1)
     result = cli("finetune", "--task", "CB", "--release", tiny_release, "--data-dir", str(tmp_path),
                  "--output-dir", str(tmp_path / "out"), *TRAIN_OPTIONS)
-    one_line_error(result, "val split not found")
+    one_line_error(result, "val split not found", exit_code=1)
 
 
 def test_a_head_for_another_task_is_a_one_line_error(finetuned, tmp_path):
     best = os.path.join(finetuned[0], "best")          # a 3-label CB model
     result = cli("predict", "--task", "AX-b", "--model", best, "--data-dir", FIXTURES, "--output-dir", str(tmp_path))
-    one_line_error(result, "fine-tuned for CB, not RTE (the model that predicts AX-b)")
+    one_line_error(result, "fine-tuned for CB, not RTE (the model that predicts AX-b)", exit_code=1)
     result = cli("finetune", "--task", "RTE", "--release", best, "--data-dir", FIXTURES,
                  "--output-dir", str(tmp_path / "out"), *TRAIN_OPTIONS)
-    one_line_error(result, "classifier.weight", "(3, 64)", "(2, 64)")
+    one_line_error(result, "classifier.weight", "(3, 64)", "(2, 64)", exit_code=1)
 
 
 def test_an_output_directory_in_use_by_another_run_is_refused(tiny_release, cb_data, tmp_path):
@@ -249,17 +235,17 @@ def test_an_output_directory_in_use_by_another_run_is_refused(tiny_release, cb_d
                                                      "started": "now"}))
     result = cli("finetune", "--task", "CB", "--release", tiny_release, "--data-dir", cb_data,
                  "--output-dir", str(out), *TRAIN_OPTIONS)
-    one_line_error(result, "in use by another fine-tuning run", f"pid {os.getpid()}")
+    one_line_error(result, "in use by another fine-tuning run", f"pid {os.getpid()}", exit_code=1)
     assert sorted(os.listdir(out)) == ["deberta-ds.lock"]
 
 
 def test_predict_refuses_a_release_without_a_head_trained_for_the_task(tiny_release, finetuned, cb_data, tmp_path):
     result = cli("predict", "--task", "CB", "--model", tiny_release, "--data-dir", cb_data, "--output-dir", str(tmp_path))
-    one_line_error(result, f"{tiny_release}: has no trained head for CB", "a pretraining release")
+    one_line_error(result, f"{tiny_release}: has no trained head for CB", "a pretraining release", exit_code=1)
     assert not os.listdir(tmp_path)
     result = cli("predict", "--task", "BoolQ", "--model", os.path.join(finetuned[0], "best"), "--data-dir", cb_data,
                  "--output-dir", str(tmp_path))
-    one_line_error(result, "fine-tuned for CB, not BoolQ")
+    one_line_error(result, "fine-tuned for CB, not BoolQ", exit_code=1)
     config = json.load(open(os.path.join(finetuned[0], "best", "config.json")))
     assert config["finetuning_task"] == "CB" and config["id2label"] == {"0": "contradiction", "1": "neutral",
                                                                         "2": "entailment"}

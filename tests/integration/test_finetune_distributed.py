@@ -3,15 +3,14 @@ with the same global batch (2 ranks x micro-batch 4 vs 1 rank x 4 x 2 accumulati
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from model import DebertaForMaskedLM, preset
 from pipeline.release import load_release, save_release
-from tests.helpers.pretrain import ROOT, explain, free_port, run_env
-from tests.helpers.finetune import write_cb_like
+from tests.helpers.launch import ROOT, cli_command, explain, free_port, run_env, single_rank, torchrun_command
+from tests.helpers.superglue import write_cb_like
 
 # dropout 0 everywhere and SiFT with a small λ: the runs differ only in how the global batch is split, and
 # in SiFT's random initial perturbation (each rank draws its own noise), whose effect λ keeps negligible
@@ -39,25 +38,21 @@ def data(tmp_path_factory):
 
 
 def run_finetune(release, data, out, nproc, ds, *extra, env_extra=None):
-    command = ["-m", "pipeline.cli", "finetune", "--task", "CB", "--release", release, "--data-dir", data,
-               "--output-dir", str(out), "--deepspeed", ds, *OPTIONS, *extra]
+    args = ["finetune", "--task", "CB", "--release", release, "--data-dir", data, "--output-dir", str(out),
+            "--deepspeed", ds, *OPTIONS, *extra]
     if nproc > 1:
-        command = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-                   "--master_port", str(free_port())] + command
-        env = run_env(env_extra)
+        command, env = torchrun_command(nproc, "pipeline.cli", *args), run_env(env_extra)
     else:
-        env = run_env(dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(free_port()), **(env_extra or {})))
-    return subprocess.run([sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+        command, env = cli_command(*args), run_env(single_rank(env_extra))
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def ranks_finetune(release, data, out, ds, env_extra, nproc=2):
     """nproc ranks started directly (RANK/WORLD_SIZE in the environment, as srun starts its tasks), so
     that each rank's own exit code is seen (torchrun reports 1 for any failing rank).
     Returns [(exit code, stdout, stderr)] by rank."""
-    command = [sys.executable, "-m", "pipeline.cli", "finetune", "--task", "CB", "--release", release, "--data-dir",
-               data, "--output-dir", str(out), "--deepspeed", ds, *OPTIONS]
+    command = cli_command("finetune", "--task", "CB", "--release", release, "--data-dir", data, "--output-dir",
+                          str(out), "--deepspeed", ds, *OPTIONS)
     port = str(free_port())
     procs = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=run_env(dict(env_extra, RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_RANK=str(r),

@@ -10,8 +10,8 @@ import venv
 
 import pytest
 
-from tests.helpers.finetune import write_cb_like
-from tests.helpers.pretrain import ROOT, free_port
+from tests.helpers.launch import ROOT, single_rank
+from tests.helpers.superglue import write_cb_like
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +62,14 @@ def test_the_installed_package_runs_every_command_from_another_directory(install
     ok(run(installed, "tokenizer", "train", "--input", "corpus/*", "--output", "spm", "--vocab-size", "1000"))
     ok(run(installed, "preprocess", "--input", "corpus/*", "--tokenizer", "spm.model", "--output-dir", "shards",
            "--max-seq-len", "128", "--no-progress"))
-    single = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    single = single_rank()
     ok(run(installed, "pretrain", "--config", "tiny_cpu", "--deepspeed", "cpu_zero3_fp32", "--data-dir", "shards",
            "--output-dir", "run", "--set", "max_steps=2", "--set", "save_interval=2", env=single))
     ok(run(installed, "convert", "to-release", "--checkpoint", "run/checkpoints", "--output", "release"))
     write_cb_like(str(work / "superglue" / "CB" / "train.jsonl"), 16, seed=1)
     write_cb_like(str(work / "superglue" / "CB" / "val.jsonl"), 8, seed=2)
     write_cb_like(str(work / "superglue" / "CB" / "test.jsonl"), 4, seed=3, labelled=False)
-    single["MASTER_PORT"] = str(free_port())
+    single = single_rank()
     tuned = ok(run(installed, "finetune", "--task", "CB", "--release", "release", "--data-dir", "superglue",
                    "--output-dir", "cb", "--epochs", "1", "--batch-size", "8", "--max-seq-len", "32", env=single))
     assert "finetune_cpu.json" in tuned.stdout     # the default DeepSpeed config, found in the installed package

@@ -5,7 +5,7 @@ import re
 import subprocess
 import sys
 
-from tests.helpers.pretrain import ROOT, TINY_RUN, ZERO3, explain, free_port, losses, pretrain, run_env
+from tests.helpers.launch import ROOT, TINY_RUN, ZERO3, explain, free_port, losses, pretrain, run_env
 
 STEPS = 4
 

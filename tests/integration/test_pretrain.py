@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from tests.helpers.pretrain import (NO_DROPOUT, PIPE, ROOT, TINY_RUN, ZERO3, eval_sets, explain, losses, pretrain,
-                              run_env)
+from tests.helpers.launch import NO_DROPOUT, PIPE, ROOT, TINY_RUN, ZERO3, explain, losses, pretrain, run_env
+from tests.helpers.pretrain import eval_sets
 
 TOL = 1e-5
 

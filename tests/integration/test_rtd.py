@@ -11,8 +11,9 @@ import transformers
 
 from pipeline.release import load_release
 from pipeline.release.read import read_state_dict
-from tests.helpers.finetune import write_cb_like
-from tests.helpers.pretrain import NO_DROPOUT, cli, explain, losses, pretrain, eval_sets
+from tests.helpers.launch import NO_DROPOUT, cli, explain, losses, pretrain, single_rank
+from tests.helpers.pretrain import eval_sets
+from tests.helpers.superglue import write_cb_like
 
 RTD = ["objective=rtd"]
 SHORT = RTD + NO_DROPOUT + ["max_steps=4", "save_interval=2"]
@@ -126,11 +127,9 @@ def test_the_released_discriminator_computes_what_the_trained_one_did(two_ranks,
 def test_finetuning_starts_from_the_v3_release(v3_release, tmp_path):
     write_cb_like(str(tmp_path / "data" / "CB" / "train.jsonl"), 16, seed=1)
     write_cb_like(str(tmp_path / "data" / "CB" / "val.jsonl"), 8, seed=2)
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(__import__("pipeline.launch.env", fromlist=["x"]).free_port())}
     result = cli("finetune", "--task", "CB", "--release", str(v3_release), "--data-dir", str(tmp_path / "data"),
                  "--output-dir", str(tmp_path / "out"), "--epochs", "1", "--batch-size", "8", "--max-seq-len", "32",
-                 extra_env=env)
+                 extra_env=single_rank())
     assert result.returncode == 0, explain(result)
     assert "new task head, initialised randomly: pooler.dense.weight" in result.stderr
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.helpers.pretrain import NO_DROPOUT, ROOT, TINY_RUN, ZERO3, cli, explain, free_port, losses, pretrain, run_env
+from tests.helpers.launch import NO_DROPOUT, ROOT, TINY_RUN, ZERO3, cli, explain, free_port, losses, pretrain, run_env
 
 SETS = NO_DROPOUT + ["max_steps=4", "save_interval=2"]
 

@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from tests.helpers.pretrain import ROOT, TINY_RUN, ZERO3, PIPE, cli, explain, losses
-from tests.helpers.finetune import write_cb_like
+from tests.helpers.launch import PIPE, ROOT, TINY_RUN, ZERO3, cli, explain, losses
+from tests.helpers.superglue import write_cb_like
 
 
 SLURM = os.path.join(ROOT, "slurm")

@@ -5,10 +5,12 @@ The walk covers each option with a type or a set of choices automatically; the t
 that only the command itself can judge (settings, files, paths)."""
 import argparse
 import importlib
+import subprocess
 
 import pytest
 
 from pipeline import cli
+from tests.helpers.launch import one_line_error
 
 # a start that passes argparse for each command, so that the one bad value is the only problem
 REQUIRED = {
@@ -28,19 +30,12 @@ SKIP = {"--help", "--local_rank"}
 
 
 def run_cli(argv, capsys):
+    """pipeline.cli.main(argv) in this process, as a CompletedProcess (exit code and stderr)."""
     try:
         code = cli.main(argv)
     except SystemExit as stop:
         code = stop.code
-    err = capsys.readouterr().err
-    return code, err
-
-
-def one_line_error(code, err, *fragments):
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert code not in (0, None) and len(lines) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+    return subprocess.CompletedProcess(argv, code, "", capsys.readouterr().err)
 
 
 def typed_options():
@@ -70,9 +65,7 @@ def test_every_typed_option_refuses_a_bad_value_in_one_line(command, prefix, opt
     if prefix:  # a subcommand's option: that subcommand in place of the one REQUIRED starts with
         base = prefix + base[1:]
     argv = [command] + base + [option, value]
-    code, err = run_cli(argv, capsys)
-    one_line_error(code, err, f"argument {option}")
-    assert code == 2
+    one_line_error(run_cli(argv, capsys), f"argument {option}", exit_code=2)
 
 
 SEMANTIC = [
@@ -136,13 +129,13 @@ SEMANTIC = [
 def test_values_only_the_command_can_judge_are_refused_in_one_line(argv, message, capsys, tmp_path):
     command, extra = argv[0], argv[1:]
     base = [a.format(tmp=tmp_path) for a in REQUIRED[command]]
-    code, err = run_cli([command] + base + [a.format(tmp=tmp_path) for a in extra], capsys)
-    one_line_error(code, err, message.format(tmp=tmp_path))
+    result = run_cli([command] + base + [a.format(tmp=tmp_path) for a in extra], capsys)
+    one_line_error(result, message.format(tmp=tmp_path))
 
 
 def test_a_deepspeed_config_refused_inside_a_section_leaves_no_run_directory(tmp_path):
     # a typo inside a section passed the checks and DeepSpeed refused it after the run directory existed
-    from tests.helpers.pretrain import cli as run_deberta_ds
+    from tests.helpers.launch import cli as run_deberta_ds
     data = tmp_path / "shards"
     data.mkdir()
     (data / "spm.model").write_bytes(b"")  # the preflight checks only that it exists
@@ -150,5 +143,5 @@ def test_a_deepspeed_config_refused_inside_a_section_leaves_no_run_directory(tmp
     ds.write_text('{"fp16": {"enabledd": true}}')
     done = run_deberta_ds("pretrain", "--config", "tiny_cpu", "--deepspeed", str(ds), "--data-dir", str(data),
                           "--output-dir", str(tmp_path / "run"), timeout=300)
-    one_line_error(done.returncode, done.stderr, f"{ds}: unknown DeepSpeed setting 'fp16.enabledd' (did you mean 'enabled'?)")
-    assert done.returncode == 1 and not (tmp_path / "run").exists()
+    one_line_error(done, f"{ds}: unknown DeepSpeed setting 'fp16.enabledd' (did you mean 'enabled'?)", exit_code=1)
+    assert not (tmp_path / "run").exists()

@@ -3,7 +3,7 @@ Triton kernels) against the same attention in plain torch autograd: run on the C
 (TRITON_INTERPRET=1, read when triton is imported, so each check runs in a fresh process: this file run as
 a script). Dropout is checked with the mask the kernels drew (keep_mask), applied by the torch side. Half
 precision is checked in fp16: the interpreter's bf16 matmul is wrong (numpy has no bf16; a 16 x 16 tl.dot
-came out 2e10 off), so bf16 is left to bench/gpu_kernels_check.py on a GPU. They skip only where triton
+came out 2e10 off), so bf16 is left to tests/gpu/test_kernels.py on a GPU. They skip only where triton
 has no wheel (it is a dev dependency on Linux x86-64)."""
 import json
 import sys
