@@ -24,7 +24,7 @@ PARTS = {  # name in parts.tsv -> what the part shows; the default parts first
     "tests": "GPU tests: fused vs math (fp32, 1e-4), fused vs sdpa (bf16), relative-bias kernels, dropout, "
              "1.5B forward vs transformers",
     "step": "ours' training step, 1.5B, bf16, batch 16 x 512 (MLM + EMD, AdamW)",
-    "pretrain": "deberta-ds pretrain, 1.5B, ZeRO-3, bf16, 1 GPU, 8 x 512 per step",
+    "pretrain": "deberta-ds pretrain, 1.5B, --deepspeed auto, bf16, 1 GPU, 16 x 512 per step",
     "attention_512": "one 1.5B attention layer, fwd+bwd, L=512: fused vs sdpa",
     "attention_long": "one 1.5B attention layer, fwd+bwd, L=2048-8192: fused vs flashdeberta, disentangled-flash",
 }
