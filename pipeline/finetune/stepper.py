@@ -39,6 +39,7 @@ class FinetuneStepper(EngineStepper):
         return (step - 1) // self.steps_per_epoch + 1
 
     def start_epoch(self, epoch, position=0, sums=None):
+        self.engine.train()  # a release loads in eval mode, and the epoch before ended with an evaluation
         self.epoch, self.position = epoch, position
         self.micro_batches, _, every_rank = epoch_micro_batches(self.lengths, self.settings, epoch, self.rank,
                                                                 self.world_size)
