@@ -22,7 +22,7 @@ class LoopSettings:
     log_interval: int
     precision: str = "fp32"         # of the DeepSpeed config: decides the non-finite rule
     max_nonfinite_steps: int = 20   # fp16: skipped steps in a row before the run stops
-    lower_lr_hint: str = "Resume from the last checkpoint with a lower lr or bf16."
+    lower_lr_hint: str = "Resume from the last checkpoint with a lower lr (--set lr=...; applied from there)."
 
 
 class NonFiniteRule:

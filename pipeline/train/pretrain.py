@@ -104,8 +104,8 @@ def train(run, ds, env, accept_data_change=False):
         data_changed = resume.check_same_data(meta, data, source, accept_data_change)
         changes = resume.check_run_changes(meta, run, source)
         history, changed_before = meta.get("data_history", []), meta.get("changes", [])
-        if meta["dp_size"] != dp_size or meta["pipeline_stages"] != run.pipeline_stages or \
-                resume.check_engine_changes(meta, zero_stage(ds), precision(ds), source):
+        resume.check_engine_changes(meta, zero_stage(ds), precision(ds), source)
+        if meta["dp_size"] != dp_size or meta["pipeline_stages"] != run.pipeline_stages:
             tag = resume.ensure_universal(checkpointer.dir, tag, rank)
             ds.setdefault("checkpoint", {})["load_universal"] = True
             universal = True

@@ -9,6 +9,7 @@ shards, samples, sequence length, validation set), the run config, the ZeRO stag
   `changes`; settings that only steer the run (intervals, paths, micro-batch, recomputation) follow the new
   config silently; the rest (seed, global batch, Adam's betas and eps, the optimizer, emd) are refused with
   the way to change them: a new run from a release.
+- Another ZeRO stage (but for ZeRO-1 <-> ZeRO-2) or precision is refused the same way (check_engine_changes).
 """
 from pipeline.errors import CheckpointError
 from pipeline.run.checkpointer import META
@@ -109,10 +110,23 @@ def check_run_changes(meta, run_config, source):
 
 
 def check_engine_changes(meta, zero_stage, precision, source):
-    """The ZeRO stage and precision a checkpoint was written with, against this run's. A change of either is
-    loaded through DeepSpeed's universal format; returns whether one is needed."""
-    saved = (meta.get("zero_stage", zero_stage), meta.get("precision", precision))
-    return saved != (zero_stage, precision)
+    """The ZeRO stage and precision a checkpoint was written with, against this run's. ZeRO-1 and ZeRO-2 partition
+    the optimizer alike and load each other's checkpoints; ZeRO-3's files and another precision's optimizer files
+    are others, which DeepSpeed's loader (also its universal format) cannot read: refused, with the way to
+    change them."""
+    saved_stage, saved_precision = meta.get("zero_stage", zero_stage), meta.get("precision", precision)
+    alike = {saved_stage, zero_stage} <= {0, 1, 2} or saved_stage == zero_stage
+    if alike and saved_precision == precision:
+        return
+    what = []
+    if not alike:
+        what.append(f"ZeRO stage {saved_stage} (this run: {zero_stage})")
+    if saved_precision != precision:
+        what.append(f"precision {saved_precision} (this run: {precision})")
+    raise CheckpointError(f"{source}: written with {' and '.join(what)}; DeepSpeed cannot load its optimizer files "
+                          "under this run's. Resume with the checkpoint's DeepSpeed config, or continue in a new run: "
+                          "deberta-ds convert to-release, then --set init_from_release=RELEASE in a new --output-dir "
+                          "(the weights move exactly; Adam's moments and the schedule start again)")
 
 
 def _plain(value):
