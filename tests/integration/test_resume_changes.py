@@ -6,8 +6,7 @@ import shutil
 
 import pytest
 
-from tests.helpers.launch import NO_DROPOUT, explain, losses
-from tests.helpers.pretrain import pretrain
+from tests.helpers.launch import NO_DROPOUT, explain, losses, pretrain
 
 FIRST = NO_DROPOUT + ["max_steps=2", "save_interval=2", "warmup_steps=1", "log_interval=1", "lr=1e-3"]
 
