@@ -271,7 +271,8 @@ def finetune(run):
                                          precision=precision(ds),
                                          lower_lr_hint="Run again with a lower --lr (or bf16) in a new --output-dir.")
     try:
-        code = loop.train(stepper, checkpointer, monitor, step, settings_of_loop, hooks=[loop.Hook(due=lambda at: at % stepper.steps_per_epoch == 0, run=end_of_epoch)],
+        epoch_end = loop.Hook(due=lambda at: at % stepper.steps_per_epoch == 0, run=end_of_epoch)
+        code = loop.train(stepper, checkpointer, monitor, step, settings_of_loop, hooks=[epoch_end],
                           client_state=position)
     finally:
         monitor.close()

@@ -107,7 +107,8 @@ def test_two_ranks_train_like_one_process(ds, release, data, one_process, two_ra
     # it learned the task (chance: about 1/3). Measured with length-grouped batches: 0.26, 0.62, 0.76, 0.87 over
     # the 4 epochs; plain shuffling reached 0.94 in epoch 2 on this seed (64 examples, one seed: noise)
     assert metrics["best"]["score"] >= 0.8
-    assert sorted(os.listdir(out)) == ["best", "deberta-ds.output.json", "metrics.json", "metrics.jsonl", "tensorboard"]  # by rank 0, no leftovers
+    assert sorted(os.listdir(out)) == ["best", "deberta-ds.output.json", "metrics.json", "metrics.jsonl",
+                                       "tensorboard"]  # by rank 0, no leftovers
     best = str(out / "best")
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(best).eval()
     ours = load_release(best, task="classification", num_labels=3)
@@ -137,7 +138,8 @@ def test_a_signal_checkpoints_and_the_run_again_continues_exactly(release, data,
                     for d in (out, reference_dir))
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     # the checkpoint went with the finished run
-    assert sorted(os.listdir(out)) == ["best", "deberta-ds.output.json", "metrics.json", "metrics.jsonl", "tensorboard"]
+    assert sorted(os.listdir(out)) == ["best", "deberta-ds.output.json", "metrics.json", "metrics.jsonl",
+                                       "tensorboard"]
 
 
 def test_a_checkpoint_from_other_settings_is_refused(release, data, tmp_path):

@@ -149,7 +149,8 @@ def test_finetune_checkpoints_on_a_signal_requeues_and_finishes(chain, slurm_clu
     assert f"requeuing job {job} (restart 1)" in text
     metrics = json.load(open(out / "metrics.json"))
     assert [e["epoch"] for e in metrics["epochs"]] == list(range(1, 13))
-    assert sorted(os.listdir(out)) == ["best", "deberta-ds.output.json", "metrics.json", "metrics.jsonl", "tensorboard"]
+    assert sorted(os.listdir(out)) == ["best", "deberta-ds.output.json", "metrics.json", "metrics.jsonl",
+                                       "tensorboard"]
 
 
 def test_pipeline_stages_that_do_not_fit_the_nodes_fail_the_job_before_srun(slurm_cluster, chain, tmp_path):
