@@ -53,7 +53,7 @@ def layer_inputs(config, B, N, padded):
         token_mask = torch.ones(B, N, dtype=torch.bool, device="cuda")
         token_mask[-1, N - N // 5:] = False
     grad = torch.randn(B, N, D, device="cuda")
-    state = {k: v.cuda() for k, v in DisentangledSelfAttention(config).state_dict().items()}
+    state = {k: v.to("cuda") for k, v in DisentangledSelfAttention(config).state_dict().items()}
     return hidden, rel_embeddings, token_mask, grad, state
 
 
