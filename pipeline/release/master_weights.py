@@ -73,14 +73,12 @@ def holds_engine(path):
 
 def engine_parts(tag_dir):
     """[(key prefix, directory)] of the DeepSpeed checkpoints in a tag: [("", tag_dir)] when its files are at the
-    top (one engine), else one per subdirectory that holds one, its name the prefix of its keys (rtd with
-    decoupled training: "generator.", "discriminator.")."""
+    top (one engine), else one per engine subdirectory it holds (checkpoint.ENGINE_DIRS, rtd with decoupled
+    training), its name the prefix of its keys in the RTD model ("generator.", "discriminator.")."""
     if holds_engine(tag_dir):
         return [("", tag_dir)]
-    if not os.path.isdir(tag_dir):
-        return []
-    subs = sorted(n for n in os.listdir(tag_dir) if holds_engine(os.path.join(tag_dir, n)))
-    return [(name + ".", os.path.join(tag_dir, name)) for name in subs]
+    return [(name + ".", os.path.join(tag_dir, name)) for name in checkpoint.ENGINE_DIRS
+            if holds_engine(os.path.join(tag_dir, name))]
 
 
 def master_tensors(tag_dir, kind, config, mode, shapes, source="auto"):

@@ -258,15 +258,16 @@ def resume_point(ckpt_dir, rank):
     return tag, meta
 
 
+ENGINE_DIRS = ("generator", "discriminator")  # a two-engine stepper's subdirectories of a tag (rtd, decoupled)
+
+
 def engine_dirs(tag_dir):
     """The DeepSpeed checkpoints of a tag, relative to it: [""] when its files are at the tag's top (one engine),
-    else each subdirectory holding one (objective rtd, decoupled: generator/ and discriminator/)."""
-    def holds_engine(folder):
-        return any(name.endswith("model_states.pt") for name in os.listdir(folder))
-    if holds_engine(tag_dir):
-        return [""]
-    return sorted(name for name in os.listdir(tag_dir)
-                  if os.path.isdir(os.path.join(tag_dir, name)) and holds_engine(os.path.join(tag_dir, name)))
+    else those of ENGINE_DIRS it holds (objective rtd, decoupled: generator/ and discriminator/)."""
+    def holds_engine(sub):
+        folder = os.path.join(tag_dir, sub)
+        return os.path.isdir(folder) and any(name.endswith("model_states.pt") for name in os.listdir(folder))
+    return [""] if holds_engine("") else [sub for sub in ENGINE_DIRS if holds_engine(sub)]
 
 
 def ensure_universal(ckpt_dir, tag, rank):

@@ -29,13 +29,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from model.rtd import corrupt, discriminator_values, generator_values
-from pipeline.run.checkpointer import load_engine, write_through_python
+from pipeline.run.checkpointer import ENGINE_DIRS, load_engine, write_through_python
 from pipeline.run.lifecycle import reduce_mean
 from pipeline.run.optim import build_engine, param_groups
 from pipeline.train.rtd import LOGGED, build_rtd_model
 from pipeline.train.zero3 import Zero3Stepper
 
-ENGINES = ("generator", "discriminator")  # also the tag's subdirectories and the RTD model's key prefixes
 
 
 def generator_rows(generator, ids):
@@ -93,7 +92,8 @@ class DecoupledRTDStepper(Zero3Stepper):
         when training. Returns D's logged values per micro-batch."""
         values = []
         for corruption, mask, _ in corrupted:
-            rows = generator_rows(self.module.generator, corruption.ids) if self.run.embedding_sharing == "gdes" else None
+            gdes = self.run.embedding_sharing == "gdes"
+            rows = generator_rows(self.module.generator, corruption.ids) if gdes else None
             judged = self.d_engine(input_ids=corruption.ids, attention_mask=mask, labels=corruption.replaced,
                                    shared_rows=rows)
             if train:
@@ -135,11 +135,12 @@ class DecoupledRTDStepper(Zero3Stepper):
 
     # ------------------------------------------------------------------ checkpoints: one subdirectory per engine
     def save(self, ckpt_dir, tag, client_state):
-        for name, engine in zip(ENGINES, self.engines):
+        for name, engine in zip(ENGINE_DIRS, self.engines):
             write_through_python(engine)
             engine.save_checkpoint(os.path.join(ckpt_dir, tag), tag=name, client_state=client_state,
                                    save_latest=False)
 
     def load(self, ckpt_dir, tag):
-        states = [load_engine(engine, os.path.join(ckpt_dir, tag), name) for name, engine in zip(ENGINES, self.engines)]
-        return states[0]
+        tag_dir = os.path.join(ckpt_dir, tag)
+        states = [load_engine(engine, tag_dir, name) for name, engine in zip(ENGINE_DIRS, self.engines)]
+        return states[0]  # the same client state was saved with both

@@ -113,7 +113,7 @@ def test_a_checkpoint_holds_both_engines_and_repeats_the_next_step_bitwise(proce
     checkpoint.save(stepper, str(tmp_path), 1, {"data": {"consumed_samples": 8}}, meta, keep_last=2, rank=0)
     second = stepper.train_step()
     tag_dir = tmp_path / "global_step1"
-    assert checkpoint.engine_dirs(str(tag_dir)) == ["discriminator", "generator"]
+    assert checkpoint.engine_dirs(str(tag_dir)) == ["generator", "discriminator"]
     assert not any(name.endswith("model_states.pt") for name in os.listdir(tag_dir))
     saved = checkpoint.read_meta(str(tag_dir))["files"]
     assert any(f.startswith("generator/") for f in saved) and any(f.startswith("discriminator/") for f in saved)
