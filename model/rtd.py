@@ -18,9 +18,10 @@ Embedding sharing (D's word vectors E_D):
     none  D has a table of its own
 D has no absolute position table (v3 configs have no absolute positions in the input, and D no EMD).
 
-The two networks train as one module, with their own AdamW parameter groups (D's learning rate may differ,
-`discriminator_lr`) on one schedule, summing both losses into one backward and one step: the official code's
-`decoupled_training=False` step. See pipeline/train/rtd.py for how it is trained.
+RTDModel.forward computes both losses in one forward, for one backward and one step (joint training, the
+official `decoupled_training=False` step: pipeline/train/rtd.py). Its pieces (corrupt, generator_values,
+discriminator_values) serve decoupled training too, where G and D are trained by engines of their own
+(pipeline/train/rtd_decoupled.py).
 """
 import collections
 
