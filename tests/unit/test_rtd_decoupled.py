@@ -132,3 +132,22 @@ def test_a_step_reads_no_tensor_on_the_host(process_group, data_env):
         values = stepper.train_step()
     assert reads.reads == []
     assert all(torch.is_tensor(values[k]) and values[k].dim() == 0 for k in ("loss", "mlm_loss", "rtd_loss"))
+
+
+def test_a_resume_with_new_peak_rates_gives_each_engine_its_own(process_group, data_env, tmp_path):
+    """resume.load applies a changed lr / discriminator_lr to both engines' schedules, each its own rate."""
+    from pipeline.run.checkpointer import Checkpointer
+    from pipeline.train import resume
+    run = rtd_run(discriminator_lr=1e-3)
+    stepper = stepper_of(run, data_env)
+    stepper.train_step()
+    checkpointer = Checkpointer(str(tmp_path), 0, meta={"model_config": run.model_config().to_dict(), "mode": "zero3",
+                                                        "pipeline_stages": 1, "dp_size": 1})
+    checkpointer.save(stepper, 1, {"data": {"consumed_samples": 8}})
+    changed = rtd_run(lr=1e-3, discriminator_lr=4e-3)
+    again = stepper_of(changed, data_env)
+    changes = {"lr": [2e-3, 1e-3], "discriminator_lr": [1e-3, 4e-3]}
+    resume.load(checkpointer, again, "global_step1", False, changes)
+    factor = stepper.engine.lr_scheduler.lr_lambdas[0](1)  # the schedule's factor after one step
+    assert [g["lr"] for g in again.engine.optimizer.param_groups] == pytest.approx([1e-3 * factor] * 2)
+    assert [g["lr"] for g in again.d_engine.optimizer.param_groups] == pytest.approx([4e-3 * factor] * 2)
