@@ -47,7 +47,8 @@ def generator_rows(generator, ids):
 
 class DecoupledRTDStepper(Zero3Stepper):
     """Two engines: `engine` (G's; the lr, grad norm, loss scale and skipped steps the loop logs are G's) and
-    `d_engine` (D's; its lr and grad norm are logged as discriminator_lr and discriminator_grad_norm)."""
+    `d_engine` (D's; its lr, grad norm and skipped steps are logged as discriminator_lr, discriminator_grad_norm
+    and discriminator_skipped_steps)."""
     mode, objective = "zero3", "rtd"
 
     def __init__(self, run, ds, model_config, rank):
@@ -79,12 +80,12 @@ class DecoupledRTDStepper(Zero3Stepper):
             batch = next(batches)
             generated = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                     labels=batch["labels"])
-            if train:
-                self.engine.backward(generated.loss)
-                self.engine.step()
             corruption = corrupt(batch["input_ids"], batch["labels"], generated.logits,
                                  sample_seeds=batch.get("sample_seeds"))
             corrupted.append((corruption, batch["attention_mask"], generator_values(generated, corruption)))
+            if train:
+                self.engine.backward(generated.loss)
+                self.engine.step()
         return corrupted
 
     def discriminator_phase(self, corrupted, train):
@@ -117,7 +118,10 @@ class DecoupledRTDStepper(Zero3Stepper):
         """`accumulation` micro-batches through G and its step, then through D and its step. "loss" is
         L_MLM + rtd_lambda · L_RTD (the two losses the engines stepped on), comparable with joint training."""
         values = self._means(self.train_batches, self.accumulation, train=True)
+        # D's own: its rate, its norm, and its skipped (non-finite, fp16) steps, which the loop's rule, reading
+        # G's, would not see
         values["discriminator_lr"] = self.d_engine.get_lr()[0]
+        values["discriminator_skipped_steps"] = getattr(self.d_engine, "skipped_steps", 0)
         norm = self.d_engine.get_global_grad_norm()
         if norm is not None:  # a float or a 0-d tensor, read with the other values at the log line
             values["discriminator_grad_norm"] = norm
