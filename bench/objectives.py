@@ -12,9 +12,9 @@ ZeRO-3 on 2 CPU ranks; --seconds after its first step is logged, each rank gets 
 and saves (the run's own stop path). The checkpoint is converted to a release (rtd: the discriminator, v3
 layout) and fine-tuned with the demo's settings once per seed. Printed: per objective the steps reached, the
 last logged losses, and the best val accuracy per seed with their mean; for rtd (decoupled training, the default)
-and rtd-joint also what says whether the discriminator learned more than the base rate: its last loss against
-the entropy of the replaced share (the loss of always predicting that share), its accuracy against 1 - the
-replaced share (always answering "original"), the share of logged steps whose gradient norm exceeded the
+and rtd-joint also what says whether the discriminator learned more than the base rate: its loss over the last 10
+log lines against the entropy of the replaced share (the loss of always predicting that share), its accuracy
+against 1 - the replaced share (always answering "original"), the share of logged steps whose gradient norm exceeded the
 DeepSpeed config's clipping (joint: the one norm over both networks; decoupled: G's and D's own), and for every
 release the spread of its [CLS] vectors: the mean pairwise cosine of the final [CLS] states of 64 held-out
 sequences (near 1: every input gets about the same [CLS]).
@@ -61,6 +61,7 @@ def prepare_data(work):
 OBJECTIVES = {"mlm": ["objective=mlm"], "rtd": ["objective=rtd", "rtd_training=decoupled"],
               "rtd-joint": ["objective=rtd", "rtd_training=joint"]}
 CLIPPING = 1.0  # ds_configs/cpu_zero3_fp32.json's gradient_clipping, which the bench's runs use
+WINDOW = 10  # log lines (of 25 steps) the discriminator's loss and accuracy are averaged over
 
 
 def pretrain_for(objective, seconds, work):
@@ -109,18 +110,21 @@ def summary(run, objective):
     if held_out:
         out["held_out_loss"] = held_out[-1]["val_loss"]
     if objective != "mlm":
-        out.update(against_base_rate(logged[-1]))
+        out.update(against_base_rate(logged[-WINDOW:]))
         out["clipped_share"] = clipped_share(logged, "grad_norm")  # joint: both networks'; decoupled: G's
         if "discriminator_grad_norm" in logged[-1]:
             out["discriminator_clipped_share"] = clipped_share(logged, "discriminator_grad_norm")
     return out
 
 
-def against_base_rate(record):
-    """The discriminator's last loss and accuracy beside what answering by the replaced share alone gives."""
-    share = record["replaced_rate"]
+def against_base_rate(records):
+    """The discriminator's loss and accuracy, means over `records` (the last WINDOW log lines: one logged step is
+    one noisy sample), beside what answering by the replaced share alone gives."""
+    share, loss, accuracy = (statistics.mean(r[key] for r in records) for key in ("replaced_rate", "rtd_loss",
+                                                                                   "rtd_accuracy"))
     entropy = -share * math.log(share) - (1 - share) * math.log(1 - share) if 0 < share < 1 else 0.0
-    return {"base_rate_entropy": entropy, "rtd_loss_over_entropy": record["rtd_loss"] / entropy if entropy else None,
+    return {"window_rtd_loss": loss, "window_replaced_rate": share, "base_rate_entropy": entropy,
+            "rtd_loss_over_entropy": loss / entropy if entropy else None, "window_rtd_accuracy": accuracy,
             "base_rate_accuracy": 1 - share}
 
 
