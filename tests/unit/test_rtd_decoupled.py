@@ -17,7 +17,7 @@ from pipeline.train.modes import build_stepper, stepper_class
 from pipeline.train.preflight import complete_for_run
 from pipeline.train.rtd import RTDStepper
 from pipeline.train.rtd_decoupled import DecoupledRTDStepper
-from tests.unit.test_engine import HostReads, process_group  # noqa: F401  (the one-rank process group)
+from tests.unit.test_engine import HostReads
 
 OVERRIDES = {"vocab_size": 700, "max_position_embeddings": 64, "hidden_dropout_prob": 0.0,
              "attention_probs_dropout_prob": 0.0}
