@@ -1,7 +1,9 @@
-"""MLM + EMD (DeBERTa-v2) against RTD + GDES (DeBERTa-v3) for the same wall-clock time on the demo corpus, each
-then fine-tuned on the demo's BoolQ-format task with several seeds: a measured comparison, no threshold.
+"""MLM + EMD (DeBERTa-v2) against RTD + GDES (DeBERTa-v3, decoupled and joint training) for the same wall-clock
+time on the demo corpus, each then fine-tuned on the demo's BoolQ-format task with several seeds: a measured
+comparison, no threshold.
 
     python -m bench.objectives [--work /tmp/bench-objectives] [--seconds 300] [--seeds 1 2 3]
+                               [--objectives mlm rtd rtd-joint]
 
 The data are the demo's (scripts/demo.py: the corpus, a 1000-piece tokenizer, 128-token shards, the last corpus
 file held out, the BoolQ-format "does the passage say return" task). Each objective pretrains the demo's tiny
@@ -9,10 +11,17 @@ model (configs/pretrain_tiny_cpu.json; rtd: its 2 layers are the discriminator, 
 ZeRO-3 on 2 CPU ranks; --seconds after its first step is logged, each rank gets SIGUSR1, finishes its step
 and saves (the run's own stop path). The checkpoint is converted to a release (rtd: the discriminator, v3
 layout) and fine-tuned with the demo's settings once per seed. Printed: per objective the steps reached, the
-last logged losses, and the best val accuracy per seed with their mean.
+last logged losses, and the best val accuracy per seed with their mean; for rtd (decoupled training, the default)
+and rtd-joint also what says whether the discriminator learned more than the base rate: its loss over the last 10
+log lines against the entropy of the replaced share (the loss of always predicting that share), its accuracy
+against 1 - the replaced share (always answering "original"), the share of logged steps whose gradient norm exceeded the
+DeepSpeed config's clipping (joint: the one norm over both networks; decoupled: G's and D's own), and for every
+release the spread of its [CLS] vectors: the mean pairwise cosine of the final [CLS] states of 64 held-out
+sequences (near 1: every input gets about the same [CLS]).
 """
 import argparse
 import json
+import math
 import os
 import re
 import signal
@@ -49,18 +58,25 @@ def prepare_data(work):
     boolq_from_corpus(corpus, superglue)
 
 
+OBJECTIVES = {"mlm": ["objective=mlm"], "rtd": ["objective=rtd", "rtd_training=decoupled"],
+              "rtd-joint": ["objective=rtd", "rtd_training=joint"]}
+CLIPPING = 1.0  # ds_configs/cpu_zero3_fp32.json's gradient_clipping, which the bench's runs use
+WINDOW = 10  # log lines (of 25 steps) the discriminator's loss and accuracy are averaged over
+
+
 def pretrain_for(objective, seconds, work):
     """Pretrain until SIGUSR1 `seconds` after the first logged step; the run directory."""
     run = os.path.join(work, f"run-{objective}")
     done = os.path.join(run, "bench_stopped.json")
+    sets = ["max_steps=100000", "save_interval=100000", "log_interval=25", "eval_interval=100000",
+            "warmup_steps=60"] + OBJECTIVES[objective]
     if os.path.exists(done):  # a previous invocation's pretraining, stopped as this one would be
         with open(done) as f:
-            if json.load(f)["seconds"] == seconds:
+            if json.load(f) == {"seconds": seconds, "sets": sets}:
                 return run
     if os.path.exists(run):
-        sys.exit(f"error: {run} exists: remove it (or choose another --work) to measure again")
-    sets = ["max_steps=100000", "save_interval=100000", "log_interval=25", "eval_interval=100000",
-            "warmup_steps=60", f"objective={objective}"]
+        sys.exit(f"error: {run} exists with other settings or unfinished: remove it (or choose another --work) to "
+                 "measure again")
     cmd = pretrain_command(os.path.join(work, "shards"), run, sets=sets,
                            args=["--valid-data-dir", os.path.join(work, "valid")])
     with open(os.path.join(work, f"pretrain-{objective}.log"), "w") as log:
@@ -80,7 +96,7 @@ def pretrain_for(objective, seconds, work):
     if torchrun.returncode != 0 and not (codes and set(codes) == {"75"}):
         sys.exit(f"error: pretrain ({objective}) exited {torchrun.returncode} (ranks: {codes}): see {log.name}")
     with open(done, "w") as f:
-        json.dump({"seconds": seconds}, f)
+        json.dump({"seconds": seconds, "sets": sets}, f)
     return run
 
 
@@ -93,7 +109,47 @@ def summary(run, objective):
     out = {"steps": max(r["step"] for r in records), **{f"last_{k}": logged[-1][k] for k in keys}}
     if held_out:
         out["held_out_loss"] = held_out[-1]["val_loss"]
+    if objective != "mlm":
+        out.update(against_base_rate(logged[-WINDOW:]))
+        out["clipped_share"] = clipped_share(logged, "grad_norm")  # joint: both networks'; decoupled: G's
+        if "discriminator_grad_norm" in logged[-1]:
+            out["discriminator_clipped_share"] = clipped_share(logged, "discriminator_grad_norm")
     return out
+
+
+def against_base_rate(records):
+    """The discriminator's loss and accuracy, means over `records` (the last WINDOW log lines: one logged step is
+    one noisy sample), beside what answering by the replaced share alone gives."""
+    share, loss, accuracy = (statistics.mean(r[key] for r in records) for key in ("replaced_rate", "rtd_loss",
+                                                                                   "rtd_accuracy"))
+    entropy = -share * math.log(share) - (1 - share) * math.log(1 - share) if 0 < share < 1 else 0.0
+    return {"window_rtd_loss": loss, "window_replaced_rate": share, "base_rate_entropy": entropy,
+            "rtd_loss_over_entropy": loss / entropy if entropy else None, "window_rtd_accuracy": accuracy,
+            "base_rate_accuracy": 1 - share}
+
+
+def clipped_share(logged, key):
+    """The share of logged steps whose gradient norm (before clipping) exceeded the clipping threshold."""
+    norms = [r[key] for r in logged if r.get(key) is not None]
+    return sum(norm > CLIPPING for norm in norms) / len(norms) if norms else None
+
+
+def cls_spread(release, work, count=64):
+    """Mean pairwise cosine similarity of the final [CLS] states of `count` held-out sequences."""
+    import torch
+
+    from pipeline.data.shards import ShardSet
+    from pipeline.release import load_release
+    valid = ShardSet(os.path.join(work, "valid"))
+    samples = [torch.tensor(valid.sample(i).astype("int64")) for i in range(min(count, len(valid)))]
+    ids = torch.nn.utils.rnn.pad_sequence(samples, batch_first=True)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(s) for s in samples], batch_first=True)
+    with torch.no_grad():
+        cls = load_release(release, task="base")(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+    cls = torch.nn.functional.normalize(cls.float(), dim=-1)
+    cosine = cls @ cls.T
+    pairs = len(cls) * (len(cls) - 1)
+    return float((cosine.sum() - cosine.diagonal().sum()) / pairs)
 
 
 def finetune(release, seed, work, objective):
@@ -113,17 +169,21 @@ def main(argv=None):
     p.add_argument("--seconds", type=positive_float, default=300,
                    help="pretraining time per objective after its first step (default 300)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="fine-tuning seeds (default 1 2 3)")
+    p.add_argument("--objectives", nargs="+", choices=sorted(OBJECTIVES), default=["mlm", "rtd", "rtd-joint"],
+                   help="what to pretrain: mlm, rtd (decoupled training, the default), rtd-joint (default: all)")
     args = p.parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
     prepare_data(args.work)
     report = {"seconds": args.seconds}
-    for objective in ("mlm", "rtd"):
+    for objective in args.objectives:
         run = pretrain_for(objective, args.seconds, args.work)
         release = os.path.join(args.work, f"release-{objective}")
-        cli("convert", "to-release", "--checkpoint", os.path.join(run, "checkpoints"), "--output", release)
+        # --overwrite: a previous invocation's release may be of a run since removed and measured again
+        cli("convert", "to-release", "--checkpoint", os.path.join(run, "checkpoints"), "--output", release,
+            "--overwrite")
         accuracies = [finetune(release, seed, args.work, objective) for seed in args.seeds]
-        report[objective] = dict(summary(run, objective), val_accuracy=accuracies,
-                                 val_accuracy_mean=statistics.mean(accuracies))
+        report[objective] = dict(summary(run, objective), cls_cosine=cls_spread(release, args.work),
+                                 val_accuracy=accuracies, val_accuracy_mean=statistics.mean(accuracies))
         print(json.dumps({objective: report[objective]}), flush=True)
     print(json.dumps(report, indent=1))
 

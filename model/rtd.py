@@ -18,10 +18,13 @@ Embedding sharing (D's word vectors E_D):
     none  D has a table of its own
 D has no absolute position table (v3 configs have no absolute positions in the input, and D no EMD).
 
-The two networks train as one module, with their own AdamW parameter groups (D's learning rate may differ,
-`discriminator_lr`) on one schedule, summing both losses into one backward and one step: the official code's
-`decoupled_training=False` step. See pipeline/train/rtd.py for how it is trained.
+RTDModel.forward computes both losses in one forward, for one backward and one step (joint training, the
+official `decoupled_training=False` step: pipeline/train/rtd.py). Its pieces (corrupt, generator_values,
+discriminator_values) serve decoupled training too, where G and D are trained by engines of their own
+(pipeline/train/rtd_decoupled.py).
 """
+import collections
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -122,6 +125,39 @@ def sample_tokens(logits, generator=None, rows_of=None, seeds=None):
         return sampled
 
 
+Corruption = collections.namedtuple("Corruption", "ids replaced sampled targets")
+
+
+def corrupt(input_ids, labels, logits, sampled=None, sample_seeds=None, sample_generator=None):
+    """The discriminator's input from the generator's logits at the masked positions (`labels` not ignored):
+    Corruption(ids with a token sampled at each masked position, replaced labels, the samples, the original
+    tokens there). `sampled` given: those tokens; else drawn as sample_tokens does."""
+    index, targets = masked_positions(labels)
+    if sampled is None:
+        sampled = sample_tokens(logits, sample_generator, index // input_ids.shape[1], sample_seeds)
+    corrupted, replaced = replace_masked(input_ids, index, targets, sampled)
+    return Corruption(corrupted, replaced, sampled, targets)
+
+
+def generator_values(generated, corruption):
+    """The generator's logged numbers (no gradient): its MLM loss and accuracy, and the share of its samples
+    that are the original token."""
+    with torch.no_grad():
+        return {"mlm_loss": generated.loss.detach(),
+                "mlm_accuracy": (generated.logits.argmax(-1) == corruption.targets).float().mean(),
+                "generator_correct": (corruption.sampled == corruption.targets).float().mean()}
+
+
+def discriminator_values(judged, corruption, mask):
+    """The discriminator's logged numbers over the valid tokens (no gradient): its loss, its accuracy and the
+    share of replaced tokens (the accuracy of always answering "original" is 1 minus that share)."""
+    with torch.no_grad():
+        valid = mask.bool()
+        return {"rtd_loss": judged.loss.detach(),
+                "rtd_accuracy": ((judged.logits > 0).long() == corruption.replaced)[valid].float().mean(),
+                "replaced_rate": corruption.replaced[valid].float().mean()}
+
+
 class RTDModel(nn.Module):
     """Generator and discriminator as one module (module docstring); forward on an MLM batch (input_ids with
     [MASK], labels = the original tokens at the masked positions) returns the total loss and the numbers a run
@@ -150,21 +186,12 @@ class RTDModel(nn.Module):
         sample_generator or torch's default generator."""
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         generated = self.generator(input_ids=input_ids, attention_mask=mask, labels=labels)
-        index, targets = masked_positions(labels)
-        if sampled is None:
-            sampled = sample_tokens(generated.logits, sample_generator, index // input_ids.shape[1], sample_seeds)
-        corrupted, replaced = replace_masked(input_ids, index, targets, sampled)
-        judged = self.discriminator(corrupted, mask, replaced, self.shared_rows(corrupted))
+        corruption = corrupt(input_ids, labels, generated.logits, sampled, sample_seeds, sample_generator)
+        judged = self.discriminator(corruption.ids, mask, corruption.replaced, self.shared_rows(corruption.ids))
         loss = generated.loss + self.rtd_lambda * judged.loss
-        with torch.no_grad():
-            valid = mask.bool()
-            rtd_accuracy = ((judged.logits > 0).long() == replaced)[valid].float().mean()
-            values = {"mlm_loss": generated.loss.detach(), "rtd_loss": judged.loss.detach(),
-                      "mlm_accuracy": (generated.logits.argmax(-1) == targets).float().mean(),
-                      "rtd_accuracy": rtd_accuracy, "replaced_rate": replaced[valid].float().mean(),
-                      "generator_correct": (sampled == targets).float().mean()}
-        return Output(loss=loss, logits=generated.logits, labels=targets, rtd_logits=judged.logits,
-                      corrupted=corrupted, replaced=replaced, **values)
+        values = dict(generator_values(generated, corruption), **discriminator_values(judged, corruption, mask))
+        return Output(loss=loss, logits=generated.logits, labels=corruption.targets, rtd_logits=judged.logits,
+                      corrupted=corruption.ids, replaced=corruption.replaced, **values)
 
     def discriminator_word_table(self):
         """The table the discriminator reads, as the release holds it: E_G + E_Δ (gdes), E_G (es), its own (none)."""

@@ -19,7 +19,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # fixtures shared by several modules, each built once per session
-pytest_plugins = ["tests.helpers.data", "tests.helpers.pretrain", "tests.helpers.slurm"]
+pytest_plugins = ["tests.helpers.data", "tests.helpers.pretrain", "tests.helpers.slurm", "tests.helpers.dist"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -147,12 +147,7 @@ def to_release(args):
         layout = rtd_layout(config, generator_config, meta["embedding_sharing"], emd)
     else:
         layout = mlm_layout(config, emd)
-    if kind == "universal":
-        tensors = master_weights.universal_tensors(tag_dir, config, meta["mode"], dict(layout))
-    elif kind == "pipeline":
-        tensors = master_weights.pipeline_tensors(tag_dir, config, args.source)
-    else:
-        tensors = master_weights.zero_tensors(tag_dir)
+    tensors = master_weights.master_tensors(tag_dir, kind, config, meta["mode"], dict(layout), args.source)
     started = time.time()
     print(f"convert: {tag_dir} ({kind}, mode {meta['mode']}, step {meta.get('step')}) -> {out} ({args.dtype})",
           file=sys.stderr)

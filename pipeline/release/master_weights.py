@@ -8,6 +8,9 @@
                          `mp_rank_SS_model_states.pt`; without optimizer files (ZeRO-0), the
                          `layer_XX-model_states.pt` files (`--source layers` forces them)
   universal              `global_stepN_universal/zero/<param>/fp32.pt` (from ds_to_universal)
+  two engines            rtd with decoupled training: each engine's files (any of the kinds above but pipeline)
+                         in a subdirectory of the tag named after its network (generator/, discriminator/),
+                         read as the RTD model's keys `generator.*` and `discriminator.*` (engine_parts)
 The model config, mode and tokenizer fingerprint come from the tag's deberta_ds.json.
 """
 import contextlib
@@ -53,15 +56,43 @@ def resolve_tag(path, tag=None):
                 raise CheckpointError(f"{path}: not a training checkpoint directory (no global_stepN/ with "
                                       f"{checkpoint.META}; give --checkpoint RUN/checkpoints or a tag directory)")
             tag_dir = os.path.join(ckpt_dir, found)
-    universal = os.path.isdir(os.path.join(tag_dir, "zero"))
+    universal = any(os.path.isdir(os.path.join(folder, "zero")) for _, folder in engine_parts(tag_dir))
     meta = read_meta(tag_dir, universal)
     kind = "universal" if universal else ("pipeline" if meta["mode"] == "pipeline" else "zero")
     return tag_dir, meta, kind
 
 
 def is_tag_dir(path):
-    return (os.path.exists(os.path.join(path, checkpoint.META)) or os.path.isdir(os.path.join(path, "zero"))
-            or bool(glob.glob(os.path.join(path, "*model_states.pt"))))
+    return os.path.exists(os.path.join(path, checkpoint.META)) or bool(engine_parts(path))
+
+
+def holds_engine(path):
+    """Whether a directory holds one DeepSpeed checkpoint: its files, or its universal conversion."""
+    return os.path.isdir(os.path.join(path, "zero")) or bool(glob.glob(os.path.join(path, "*model_states.pt")))
+
+
+def engine_parts(tag_dir):
+    """[(key prefix, directory)] of the DeepSpeed checkpoints in a tag: [("", tag_dir)] when its files are at the
+    top (one engine), else one per engine subdirectory it holds (checkpoint.ENGINE_DIRS, rtd with decoupled
+    training), its name the prefix of its keys in the RTD model ("generator.", "discriminator.")."""
+    if holds_engine(tag_dir):
+        return [("", tag_dir)]
+    return [(name + ".", os.path.join(tag_dir, name)) for name in checkpoint.ENGINE_DIRS
+            if holds_engine(os.path.join(tag_dir, name))]
+
+
+def master_tensors(tag_dir, kind, config, mode, shapes, source="auto"):
+    """(key, fp32 tensor) of every engine of the tag (engine_parts), under the model's keys."""
+    if kind == "pipeline":
+        yield from pipeline_tensors(tag_dir, config, source)
+        return
+    parts = engine_parts(tag_dir) or [("", tag_dir)]  # none: zero_tensors names what the directory holds
+    for prefix, folder in parts:
+        if kind == "universal":
+            tensors = universal_tensors(folder, config, mode, shapes, prefix)
+        else:
+            tensors = ((prefix + name, tensor) for name, tensor in zero_tensors(folder))
+        yield from tensors
 
 
 def read_meta(tag_dir, universal):
@@ -238,8 +269,9 @@ def _once(key, tensor, seen, file):
     yield key, tensor
 
 
-def universal_tensors(tag_dir, config, mode, shapes):
-    """DeepSpeed's universal format: one directory per parameter with fp32.pt (exp_avg*.pt are not read)."""
+def universal_tensors(tag_dir, config, mode, shapes, prefix=""):
+    """DeepSpeed's universal format: one directory per parameter with fp32.pt (exp_avg*.pt are not read); keys
+    `prefix` + the parameter's name."""
     import torch
     maps = keys.pipeline_layer_keys(config) if mode == "pipeline" else None
     root = os.path.join(tag_dir, "zero")
@@ -255,7 +287,7 @@ def universal_tensors(tag_dir, config, mode, shapes):
         tensor = value["param"] if isinstance(value, dict) else value  # older DeepSpeed wrapped it in a dict
         if not torch.is_tensor(tensor):
             raise CheckpointError(f"{file}: holds no tensor")
-        key = keys.from_pipeline(name, maps) if maps else name
+        key = keys.from_pipeline(name, maps) if maps else prefix + name
         if key is None:
             raise CheckpointError(f"{file}: parameter {name} has no release key")
         # ds_to_universal stores parameters flat; the model's shape comes from the config

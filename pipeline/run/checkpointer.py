@@ -2,7 +2,9 @@
 
 Layout under OUTPUT_DIR/checkpoints:
     latest                          DeepSpeed's pointer to the newest tag
-    global_stepN/                   DeepSpeed's files (ZeRO shards, or pipeline layer files)
+    global_stepN/                   DeepSpeed's files (ZeRO shards, or pipeline layer files); a stepper with
+                                    two engines (rtd, decoupled) puts each engine's in a subdirectory
+                                    (generator/, discriminator/)
     global_stepN/deberta_ds.json    run meta: model config, mode, stages, data-parallel size, step
     global_stepN/rng_rankR.pt       each rank's RNG states (torch CPU/CUDA, numpy, python)
     global_stepN_universal/         made on demand by ds_to_universal when resuming on another DP size
@@ -256,20 +258,35 @@ def resume_point(ckpt_dir, rank):
     return tag, meta
 
 
+ENGINE_DIRS = ("generator", "discriminator")  # a two-engine stepper's subdirectories of a tag (rtd, decoupled)
+
+
+def engine_dirs(tag_dir):
+    """The DeepSpeed checkpoints of a tag, relative to it: [""] when its files are at the tag's top (one engine),
+    else those of ENGINE_DIRS it holds (objective rtd, decoupled: generator/ and discriminator/)."""
+    def holds_engine(sub):
+        folder = os.path.join(tag_dir, sub)
+        return os.path.isdir(folder) and any(name.endswith("model_states.pt") for name in os.listdir(folder))
+    return [""] if holds_engine("") else [sub for sub in ENGINE_DIRS if holds_engine(sub)]
+
+
 def ensure_universal(ckpt_dir, tag, rank):
-    """Convert tag to DeepSpeed's universal format (once; rank 0 works, the others wait)."""
+    """Convert tag to DeepSpeed's universal format (once; rank 0 works, the others wait), each engine's
+    checkpoint into the same place under global_stepN_universal as it has under the tag."""
     target = os.path.join(ckpt_dir, tag + "_universal")
 
     def convert():
         if os.path.exists(os.path.join(target, "done")):
             return
         shutil.rmtree(target, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-               os.path.join(ckpt_dir, tag), "--output_folder", target, "--num_extract_workers", "1",
-               "--num_merge_workers", "1"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise CheckpointError(f"ds_to_universal failed on {os.path.join(ckpt_dir, tag)}:\n{result.stderr[-3000:]}")
+        for sub in engine_dirs(os.path.join(ckpt_dir, tag)):
+            source = os.path.join(ckpt_dir, tag, sub)
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", source,
+                   "--output_folder", os.path.join(target, sub), "--num_extract_workers", "1",
+                   "--num_merge_workers", "1"]
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise CheckpointError(f"ds_to_universal failed on {source}:\n{result.stderr[-3000:]}")
         open(os.path.join(target, "done"), "w").close()
 
     on_rank_zero(rank, convert)  # the others wait in it, and stop with rank 0's error

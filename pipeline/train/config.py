@@ -19,6 +19,7 @@ from pipeline.settings import apply_overrides, build_dataclass, closest, config_
 MODES = ("zero3", "pipeline")
 OBJECTIVES = ("mlm", "rtd")
 OPTIMIZERS = ("adamw", "cpu_adam")
+RTD_TRAININGS = ("decoupled", "joint")
 
 
 @dataclass
@@ -34,6 +35,10 @@ class RunConfig:
     embedding_sharing: str = "gdes"  # rtd: "gdes" (gradient-disentangled), "es" (one shared table) or "none"
     rtd_lambda: float = 10.0  # rtd: weight of the discriminator's loss (the official code's default; the paper 50)
     discriminator_lr: Optional[float] = None  # rtd: the discriminator's peak learning rate; None: lr
+    # rtd: "decoupled" (the official default, `--decoupled_training True`): the generator and the discriminator
+    # each have their own engine (optimizer, clipping, loss scale, schedule) and step one after the other
+    # (pipeline/train/rtd_decoupled.py); "joint": one engine, one step on L_MLM + rtd_lambda * L_RTD (rtd.py)
+    rtd_training: str = "decoupled"
     # engine
     mode: str = "zero3"  # "zero3": DeepSpeedEngine with ZeRO (stage from the DS config); "pipeline": PipelineModule + ZeRO-0/1
     pipeline_stages: int = 1
@@ -103,6 +108,14 @@ class RunConfig:
         from model.rtd import SHARING
         if self.embedding_sharing not in SHARING:
             raise ConfigError(f"{source}: embedding_sharing {self.embedding_sharing!r} is not one of {SHARING}")
+        if self.rtd_training not in RTD_TRAININGS:
+            raise ConfigError(f"{source}: rtd_training {self.rtd_training!r} is not one of {RTD_TRAININGS}")
+        if self.objective == "rtd" and self.rtd_training == "decoupled" and self.embedding_sharing == "es":
+            raise ConfigError(f"{source}: embedding_sharing 'es' trains one word table with both losses, which needs "
+                              "one step over both networks: set rtd_training 'joint' for it (in decoupled training "
+                              "each engine steps its own parameters; the official decoupled trainer drops the "
+                              "table's RTD gradient, which is gdes without the delta), or use embedding_sharing "
+                              "'gdes'")
         if self.rtd_lambda < 0 or self.generator_layers < 0:
             raise ConfigError(f"{source}: rtd_lambda and generator_layers must not be negative")
         if self.discriminator_lr is not None and self.discriminator_lr < 0:

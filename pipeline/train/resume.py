@@ -20,15 +20,17 @@ STEERING = ("output_dir", "data_dir", "valid_data_dir", "tokenizer", "save_inter
             "zero3_leaf_layers", "micro_batch_size", "init_from_release")
 # compared by check_compatible (the model config they give) or by the universal conversion (pipeline_stages)
 CHECKED_ELSEWHERE = ("model", "model_overrides", "mode", "objective", "generator_layers", "embedding_sharing",
-                     "pipeline_stages")
+                     "rtd_training", "pipeline_stages")
 
 
 def model_identity(run):
-    """What a checkpoint's weights are, as its meta file records it: the model config(s), mode and objective."""
+    """What a checkpoint's weights are, as its meta file records it: the model config(s), mode and objective (rtd:
+    the sharing and the training kind, which decides how many engines the checkpoint holds)."""
     rtd = run.objective == "rtd"
     return {"model_config": run.model_config().to_dict(), "mode": run.mode, "objective": run.objective,
             "generator_config": run.generator_config().to_dict() if rtd else None,
-            "embedding_sharing": run.embedding_sharing if rtd else None}
+            "embedding_sharing": run.embedding_sharing if rtd else None,
+            "rtd_training": run.rtd_training if rtd else None}
 
 
 def check_compatible(meta, identity, source):
@@ -51,6 +53,13 @@ def check_compatible(meta, identity, source):
         saved = meta.get(key, "mlm" if key == "objective" else None)
         if saved != identity.get(key):
             raise CheckpointError(f"{source}: written with {key} {saved!r}, this run has {identity.get(key)!r}")
+    # rtd checkpoints written before decoupled training existed are joint ones (one engine)
+    saved = meta.get("rtd_training", "joint" if meta.get("objective") == "rtd" else None)
+    if saved != identity.get("rtd_training"):
+        raise CheckpointError(f"{source}: written with rtd_training {saved!r}, this run has "
+                              f"{identity.get('rtd_training')!r} (one engine against two: the optimizer states do not "
+                              f"carry over); continue it with --set rtd_training={saved}, or start a new run from its "
+                              "release (deberta-ds convert to-release, then --set init_from_release=RELEASE)")
 
 
 def data_identity(run, tokenizer):
@@ -141,11 +150,14 @@ def ensure_universal(ckpt_dir, tag, rank):
 
 
 def load(checkpointer, stepper, tag, universal, changes):
-    """The checkpoint into the stepper's engine; with a changed lr (or discriminator_lr) the schedule's peak rates
-    become this run's. Returns the client state."""
-    peak_rates = list(stepper.engine.lr_scheduler.base_lrs)  # this run's, before the checkpoint's replace them
+    """The checkpoint into the stepper's engine(s); with a changed lr (or discriminator_lr) the schedules' peak
+    rates become this run's. Returns the client state."""
+    engines = getattr(stepper, "engines", (stepper.engine,))
+    # this run's, before the checkpoint's replace them
+    peak_rates = [list(engine.lr_scheduler.base_lrs) for engine in engines]
     client_state = checkpointer.load(stepper, tag, universal=universal)
     if {"lr", "discriminator_lr"} & set(changes):
         from pipeline.run.optim import follow_new_peak_rates
-        follow_new_peak_rates(stepper.engine, peak_rates)
+        for engine, rates in zip(engines, peak_rates):
+            follow_new_peak_rates(engine, rates)
     return client_state

@@ -1,12 +1,13 @@
-"""Objective rtd (DeBERTa-v3) in mode zero3: the generator and the discriminator (model/rtd.py) as one module
-under one DeepSpeedEngine, any ZeRO stage.
+"""Objective rtd (DeBERTa-v3) in mode zero3, joint training (`rtd_training: joint`): the generator and the
+discriminator (model/rtd.py) as one module under one DeepSpeedEngine, any ZeRO stage. The default, decoupled
+training with an engine each, is pipeline/train/rtd_decoupled.py, which builds the model with build_rtd_model too.
 
 - Each network has its own AdamW parameter groups (decayed weights / biases and LayerNorms), the generator's at
   `lr`, the discriminator's at `discriminator_lr` (or `lr`), on the one warmup/decay schedule; one step applies
   L_MLM + rtd_lambda · L_RTD (the official `decoupled_training=False` step). Adam's update is per parameter, so
-  the groups behave as two optimizers; what the official decoupled trainer does differently is clip each
-  network's gradients by its own norm (here one norm over both) and let the discriminator read the generator's
-  table after that step's generator update (here before it).
+  the groups behave as two optimizers; what decoupled training does differently is clip each network's
+  gradients by its own norm (here one norm over both) and let the discriminator read the generator's table
+  after that step's generator update (here before it).
 - Under ZeRO-3 the discriminator reads the generator's word table through the generator's own embedding module
   (RTDModel.shared_rows), so ZeRO-3 gathers it there, as the shared relative table is read; the MLM decoder's
   use of it is registered as an external parameter, as in mode zero3 for MLM. Every encoder layer that a

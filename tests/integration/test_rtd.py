@@ -1,6 +1,7 @@
-"""Objective rtd (DeBERTa-v3) for real: 2 gloo ranks under ZeRO-3 against one process, an exact resume after
-SIGKILL, a resume on another number of ranks, the v3 release against transformers, fine-tuning from it, and a
-release -> training -> release round trip."""
+"""Objective rtd (DeBERTa-v3) for real, joint training (rtd_training=joint: one engine; decoupled training, the
+default, is tests/integration/test_rtd_decoupled.py): 2 gloo ranks under ZeRO-3 against one process, an exact
+resume after SIGKILL, a resume on another number of ranks, the v3 release against transformers, fine-tuning
+from it, and a release -> training -> release round trip."""
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from tests.helpers.launch import NO_DROPOUT, cli, explain, losses, pretrain, sin
 from tests.helpers.pretrain import eval_sets
 from tests.helpers.superglue import write_cb_like
 
-RTD = ["objective=rtd"]
+RTD = ["objective=rtd", "rtd_training=joint"]
 SHORT = RTD + NO_DROPOUT + ["max_steps=4", "save_interval=2"]
 
 

@@ -10,7 +10,6 @@ from model import DebertaForMaskedLM, preset
 from model import state_dict_adapter as keys
 from pipeline.data.mlm_loader import build_pretrain_loader
 from pipeline.run.ds_config import load_ds_config
-from pipeline.launch.env import free_port
 from pipeline.release import save_release
 from pipeline.release.write import mlm_layout
 from pipeline.run import checkpointer as checkpoint
@@ -21,20 +20,6 @@ from pipeline.train.preflight import complete_for_run
 
 OVERRIDES = {"vocab_size": 700, "max_position_embeddings": 64, "hidden_dropout_prob": 0.0,
              "attention_probs_dropout_prob": 0.0}
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """A one-rank process group for this module, removed afterwards (other tests must not see one)."""
-    import deepspeed
-    import torch.distributed as dist
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
-    yield
-    dist.destroy_process_group()
-    for key, value in saved.items():
-        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
 
 
 @pytest.fixture(scope="module")
