@@ -134,7 +134,9 @@ def chunk_texts(texts, chunk_bytes=CHUNK_BYTES):
 
 def tokenized_documents(texts, spm_path, workers):
     """Token ids of each document, in input order, from `workers` processes with bounded work in flight."""
-    context = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
+    # forkserver, not fork: a fork copies the locks that other threads of this process hold (torch's, gloo's,
+    # a progress bar's) and a worker can wait on one forever; seen in the test suite after in-process DeepSpeed
+    context = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "forkserver")
     with context.Pool(workers, initializer=_init_worker, initargs=(spm_path,)) as pool:
         pending = collections.deque()
         for chunk in chunk_texts(texts):
