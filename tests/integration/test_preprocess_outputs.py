@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from tests.helpers.pretrain import FILE_LIMIT, ROOT, cli, explain, run_env
+from tests.helpers.launch import FILE_LIMIT, ROOT, cli, explain, run_env
 
 
 def preprocess_args(data_env, out, tokenizer=None):

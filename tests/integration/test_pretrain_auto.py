@@ -3,7 +3,7 @@ planner picks ZeRO-1 in fp32 (the tiny model fits anywhere) and the run trains a
 does: the engine changes, the losses do not."""
 import math
 
-from tests.helpers.pretrain import NO_DROPOUT, cli, explain, losses, pretrain
+from tests.helpers.launch import NO_DROPOUT, cli, explain, losses, pretrain
 
 
 def test_auto_runs_the_planned_config_on_two_cpu_ranks(tiny_shards, tmp_path):

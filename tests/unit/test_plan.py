@@ -15,7 +15,7 @@ from pipeline.errors import ConfigError
 from pipeline.train import auto_ds
 from pipeline.train import plan as planner
 from pipeline.train.config import RunConfig
-from tests.helpers.pretrain import cli, explain
+from tests.helpers.launch import cli, explain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GB = 1024 ** 3
