@@ -22,8 +22,9 @@ Modes (ds_configs/cpu_zero3_fp32.json with --ds zero_optimization.stage=N, or cp
   rtd                   objective rtd (generator of half the depth, gdes) at ZeRO stage --rtd-stage;
                         bare: model.rtd.RTDModel with the same conversion
 The bare step of a data-parallel pair is, per step, the slower of its two processes (a synchronous step lasts as
-long as its slowest rank), then the median over the steps. Modes run in turn, each bare then loop; --rounds N
-repeats the whole sequence and reports the median of the rounds, so that other load on the machine hits both.
+long as its slowest rank), then the median over the steps. Modes run in turn, each bare then loop (the loop
+first in even rounds); --rounds N repeats the whole sequence and reports the median of the rounds, so that other
+load on the machine hits both sides alike.
 
 Default shape: the base preset with 6 layers (hidden 768, 12 heads, FFN 3072), sequences of 512, micro-batch 2,
 the demo corpus's 1000-piece tokenizer (vocabulary 1100), dropout as the preset's. --quick: 2 layers of width
@@ -66,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=positive_int, default=1, help="repeats of the whole sequence (default 1)")
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes (2 layers, hidden 64, seq 128, 1 + 2 steps): checks that it works")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="glibc's allocator defaults on both sides (default: the steady state, as bench.train_step)")
     p.add_argument("--work", default="/tmp/bench-loop", help="work directory: shards, run directories")
     p.add_argument("--data-dir", default=None, help="existing shards of --seq tokens (default: built in --work)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the table and the setup as JSON")
@@ -136,8 +139,18 @@ def bare_model(run, stage):
     return model, groups
 
 
+def malloc_env(args):
+    """The allocator's settings of both sides: glibc told to keep what it frees (bench/train_step.py), unless
+    --default-malloc. With glibc's defaults each step pays page faults for fresh activations and gradients
+    again, how many depending on what the process ran before: two processes of the same step differ."""
+    from bench.train_step import STEADY_MALLOC
+    return {} if args.default_malloc else dict(STEADY_MALLOC)
+
+
 def bare_child(args, mode, rank):
-    """One bare data-parallel process: prints {"times": [...], "first_loss": ..., "loader_s": ...}."""
+    """One bare data-parallel process: prints {"times": [...], "first_loss": ..., "loader_s": ..., "cpu_s": ...,
+    "minor_faults": ...} (the last two per timed step: CPU time and page faults of this process)."""
+    import resource
     import torch
     from pipeline.data.mlm_loader import build_pretrain_loader
     from pipeline.run.lifecycle import seed_for_build, seed_for_steps
@@ -169,16 +182,20 @@ def bare_child(args, mode, rank):
     times, first_loss = [], step(batches[0])
     for micro_batches in batches[1:args.warmup]:
         step(micro_batches)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     for micro_batches in batches[args.warmup:]:
         start = time.perf_counter()
         step(micro_batches)
         times.append(time.perf_counter() - start)
-    print(json.dumps({"times": times, "first_loss": first_loss, "loader_s": loader_s}), flush=True)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = (after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime) / len(times)
+    print(json.dumps({"times": times, "first_loss": first_loss, "loader_s": loader_s, "cpu_s": cpu_s,
+                      "minor_faults": (after.ru_minflt - usage.ru_minflt) / len(times)}), flush=True)
 
 
 def bare(args, mode, data_dir):
     """The bare step of `mode`: RANKS processes at once; per step the slowest, then the median over steps."""
-    env = run_env()  # one thread per process, as each loop rank
+    env = run_env(malloc_env(args))  # one thread per process, as each loop rank
     children = [subprocess.Popen([sys.executable, "-m", "bench.loop", *bare_argv(args, data_dir),
                                   "--child", f"{mode}:{rank}"], env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True) for rank in range(RANKS)]
@@ -191,7 +208,8 @@ def bare(args, mode, data_dir):
         results.append(json.loads(lines[-1]))
     per_step = [max(times) for times in zip(*(r["times"] for r in results))]
     return {"step_s": statistics.median(per_step), "first_loss": statistics.mean(r["first_loss"] for r in results),
-            "loader_s": max(r["loader_s"] for r in results)}
+            "loader_s": max(r["loader_s"] for r in results), "cpu_s": max(r["cpu_s"] for r in results),
+            "minor_faults": max(r["minor_faults"] for r in results)}
 
 
 def bare_argv(args, data_dir):
@@ -199,7 +217,8 @@ def bare_argv(args, data_dir):
     return ["--layers", str(args.layers), "--hidden", str(args.hidden), "--seq", str(args.seq),
             "--micro-batch", str(args.micro_batch), "--pipe-micro-batches", str(args.pipe_micro_batches),
             "--rtd-stage", str(args.rtd_stage), "--warmup", str(args.warmup), "--steps", str(args.steps),
-            "--data-dir", data_dir] + (["--checkpointing"] if args.checkpointing else [])
+            "--data-dir", data_dir] + (["--checkpointing"] if args.checkpointing else []) \
+        + (["--default-malloc"] if args.default_malloc else [])
 
 
 # ------------------------------------------------------------------ the loop side
@@ -208,7 +227,7 @@ def loop(args, mode, data_dir):
     out = os.path.join(args.work, f"run-{mode}-{time.time():.0f}")
     ds, ds_sets = ds_of(args, mode)
     result = pretrain(data_dir, out, nproc=RANKS, sets=run_sets(args, mode, data_dir), ds=ds, ds_sets=ds_sets,
-                      config=TINY_RUN, timeout=None)
+                      config=TINY_RUN, extra_env=malloc_env(args), timeout=None)
     if result.returncode != 0:
         sys.exit(f"error: pretrain ({mode}) failed: {explain(result)}")
     records = metrics(out)
@@ -225,7 +244,9 @@ def measure(args):
     rounds = {mode: [] for mode in args.modes}
     for number in range(args.rounds):
         for mode in args.modes:
-            rounds[mode].append({"bare": bare(args, mode, data_dir), "loop": loop(args, mode, data_dir)})
+            # bare first in odd rounds, the loop first in even ones: a trend in the machine's load hits both alike
+            sides = [("bare", bare), ("loop", loop)][::1 if number % 2 == 0 else -1]
+            rounds[mode].append({side: measure_side(args, mode, data_dir) for side, measure_side in sides})
             print(f"# round {number + 1}, {mode}: {json.dumps(rounds[mode][-1])}", flush=True)
     rows = {}
     for mode, results in rounds.items():
@@ -242,7 +263,8 @@ def setup_of(args):
     return {"layers": args.layers, "hidden": args.hidden, "seq": args.seq, "micro_batch": args.micro_batch,
             "ranks": RANKS, "pipe_micro_batches": args.pipe_micro_batches, "rtd_stage": args.rtd_stage,
             "checkpointing": args.checkpointing, "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
-            "precision": "fp32", "device": "cpu", "quick": args.quick}
+            "precision": "fp32", "device": "cpu", "quick": args.quick,
+            "malloc": "glibc defaults" if args.default_malloc else "steady state (bench.train_step's)"}
 
 
 def print_table(rows):
@@ -250,6 +272,8 @@ def print_table(rows):
     for mode, row in rows.items():
         print(f"{mode:9} | {row['bare_s']:11.3f} | {row['loop_s']:11.3f} | {row['ratio']:6.3f} | "
               f"{row['first_loss_bare']:10.5f} / {row['first_loss_loop']:.5f}")
+    if "pipeline" in rows:
+        print("(pipeline: the pipe seeds each of its layers on its own, so its first loss is another model's)")
 
 
 def main(argv=None):
@@ -258,7 +282,8 @@ def main(argv=None):
         mode, rank = args.child.split(":")
         return bare_child(args, mode, int(rank))
     print(f"# {args.layers} layers x {args.hidden}, seq {args.seq}, micro-batch {args.micro_batch}, fp32 on the CPU, "
-          f"{RANKS} ranks, recomputation {'on' if args.checkpointing else 'off'}, {args.warmup} + {args.steps} steps",
+          f"{RANKS} ranks, recomputation {'on' if args.checkpointing else 'off'}, {args.warmup} + {args.steps} steps, "
+          f"malloc {'glibc defaults' if args.default_malloc else 'steady state'}",
           flush=True)
     rows = measure(args)
     print_table(rows)
