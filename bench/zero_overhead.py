@@ -129,8 +129,9 @@ def engine_step(args, run, variant, device):
     torch.manual_seed(0)
     stepper = build_stepper(run, ds_config(args, run, variant), run.model_config(), 0)
     # one optimizer step = gradient_accumulation_steps micro-batches (1 here: micro-batch = global batch)
-    data = itertools.repeat(batch_of(stepper.module.config, args, stepper.device))
-    return (lambda: stepper.train_step(data)["loss"]), stepper.module
+    stepper.feed(itertools.repeat(batch_of(stepper.module.config, args, stepper.device)))
+    # the loss read on the host each step, as bare_step's loss.item()
+    return (lambda: float(stepper.train_step()["loss"])), stepper.module
 
 
 def child(args):
