@@ -54,7 +54,8 @@ def test_the_installed_package_runs_every_command_from_another_directory(install
     env_dir, work = installed
     where = subprocess.run([str(env_dir / "bin" / "python"), "-c", "import model, pipeline, pipeline.settings as s; "
                             "print(pipeline.__file__); print(s.shipped_dir('run')); print(s.shipped_dir('deepspeed'))"],
-                           capture_output=True, text=True, cwd=str(work))
+                           capture_output=True, text=True, cwd=str(work),
+                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})  # the installed copy only
     package, runs, deepspeed_configs = where.stdout.split()
     assert package.startswith(str(env_dir)) and runs.startswith(str(env_dir)) and deepspeed_configs.startswith(str(env_dir))
     ok(run(installed, "--help"))
