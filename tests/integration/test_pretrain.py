@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.helpers.launch import NO_DROPOUT, PIPE, ROOT, TINY_RUN, ZERO3, explain, losses, pretrain, run_env
+from tests.helpers.launch import NO_DROPOUT, PIPE, ROOT, TINY_RUN, ZERO3, explain, free_port, losses, pretrain, run_env
 from tests.helpers.pretrain import eval_sets
 
 TOL = 1e-5
@@ -146,7 +146,7 @@ def test_sigkill_then_resume_is_bitwise_exact(tiny_shards, tmp_path):
 
 def test_sigusr1_saves_and_exits_75_then_resumes(tiny_shards, tmp_path):
     env = run_env({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                   "MASTER_PORT": str(__import__("tests.helpers.pretrain", fromlist=['x']).free_port())})
+                   "MASTER_PORT": str(free_port())})
     cmd = [sys.executable, "-m", "pipeline.cli", "pretrain", "--config", TINY_RUN, "--deepspeed", ZERO3,
            "--data-dir", str(tiny_shards), "--output-dir", str(tmp_path), "--set", "max_steps=100000",
            "--set", "save_interval=100000", "--set", "log_interval=1"]

@@ -143,7 +143,7 @@ def test_finetune_checkpoints_on_a_signal_requeues_and_finishes(chain, slurm_clu
         OUTPUT_DIR=str(out), DS_CONFIG=os.path.join(ROOT, "ds_configs", "finetune_cpu.json"),
         EXTRA_ARGS="--epochs 12 --batch-size 8 --max-seq-len 32"))
     text = usr1_when(slurm_cluster, job, lambda: "epoch 1:" in slurm_cluster.output(job))
-    stopped = int(re.search(r"stopping on SIGUSR1 after optimizer step (\d+)", text).group(1))
+    stopped = int(re.search(r"stopping on SIGUSR1 after step (\d+): checkpoint saved", text).group(1))
     assert 4 <= stopped < 48  # 4 steps per epoch, 12 epochs
     assert f"resumed from {out / 'checkpoints'} at epoch" in text and f"optimizer step {stopped}" in text
     assert f"requeuing job {job} (restart 1)" in text

@@ -88,7 +88,7 @@ def test_a_shard_changed_with_its_block_list_differs_from_the_recorded_identity(
     whole-file hashes (shards_sha256) as they were: the block lists' own hash (blocks_sha256) tells, and a resume
     on such shards is refused like one on other data (and accepted only with --accept-data-change)."""
     from pipeline.errors import CheckpointError
-    from pipeline.train.pretrain import check_same_data
+    from pipeline.train.resume import check_same_data
     recorded = shards.ShardSet(str(shard_copy), tok.fingerprint).identity()
     bin_path = shard_copy / "task-00000-of-00001-part-000000.bin"
     manifest_path = shard_copy / "task-00000-of-00001-part-000000.json"
