@@ -19,7 +19,8 @@ Modes (ds_configs/cpu_zero3_fp32.json with --ds zero_optimization.stage=N, or cp
                         bare: the same global batch on 2 bare data-parallel processes, each the whole model over
                         half the micro-batches (gradient accumulation): the floor of 2 cores without a pipe,
                         so the ratio includes the pipe's bubble, (M + 1) / M for M micro-batches on 2 stages
-  rtd                   objective rtd (generator of half the depth, gdes) at ZeRO stage --rtd-stage;
+  rtd                   objective rtd (generator of half the depth, gdes, rtd_training joint: one engine over
+                        both networks, the computation of the bare step) at ZeRO stage --rtd-stage;
                         bare: model.rtd.RTDModel with the same conversion
 The bare step of a data-parallel pair is, per step, the slower of its two processes (a synchronous step lasts as
 long as its slowest rank), then the median over the steps. Modes run in turn, each bare then loop (the loop
@@ -98,7 +99,7 @@ def run_sets(args, mode, data_dir):
     if mode == "pipeline":
         sets += ["mode=pipeline", f"pipeline_stages={RANKS}"]
     if mode == "rtd":
-        sets += ["objective=rtd"]
+        sets += ["objective=rtd", "rtd_training=joint"]  # one engine: the bare step below is that computation
     return sets
 
 

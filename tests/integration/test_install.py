@@ -25,8 +25,9 @@ def installed(tmp_path_factory):
     env_dir = work / "venv"
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
+    alone = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # a checkout on it would count as installed
     done = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], capture_output=True,
-                          text=True, cwd=str(work))
+                          text=True, cwd=str(work), env=alone)
     assert done.returncode == 0, done.stderr[-3000:]
     purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              capture_output=True, text=True).stdout.strip()
@@ -55,7 +56,7 @@ def test_the_installed_package_runs_every_command_from_another_directory(install
     where = subprocess.run([str(env_dir / "bin" / "python"), "-c", "import model, pipeline, pipeline.settings as s; "
                             "print(pipeline.__file__); print(s.shipped_dir('run')); print(s.shipped_dir('deepspeed'))"],
                            capture_output=True, text=True, cwd=str(work),
-                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})  # the installed copy only
+                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     package, runs, deepspeed_configs = where.stdout.split()
     assert package.startswith(str(env_dir)) and runs.startswith(str(env_dir)) and deepspeed_configs.startswith(str(env_dir))
     ok(run(installed, "--help"))
