@@ -77,7 +77,7 @@ def train(run, ds, env, accept_data_change=False):
     from pipeline.data.mlm_loader import build_pretrain_loader
     from pipeline.data.tokenizer import Tokenizer
     from pipeline.run import loop
-    from pipeline.run.checkpointer import Checkpointer
+    from pipeline.run.checkpointer import Checkpointer, ensure_universal
     from pipeline.run.ds_config import precision, zero_stage
     from pipeline.run.lifecycle import lock_run_directory, say, seed_for_build, seed_for_steps
     from pipeline.run.monitor import Monitor, guess_peak_tflops, run_flops_per_token
@@ -106,7 +106,7 @@ def train(run, ds, env, accept_data_change=False):
         history, changed_before = meta.get("data_history", []), meta.get("changes", [])
         resume.check_engine_changes(meta, zero_stage(ds), precision(ds), source)
         if meta["dp_size"] != dp_size or meta["pipeline_stages"] != run.pipeline_stages:
-            tag = resume.ensure_universal(checkpointer.dir, tag, rank)
+            tag = ensure_universal(checkpointer.dir, tag, rank)
             ds.setdefault("checkpoint", {})["load_universal"] = True
             universal = True
     seed_for_build(run.seed)

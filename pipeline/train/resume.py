@@ -144,11 +144,6 @@ def _plain(value):
 
 
 
-def ensure_universal(ckpt_dir, tag, rank):
-    from pipeline.run.checkpointer import ensure_universal as convert
-    return convert(ckpt_dir, tag, rank)
-
-
 def load(checkpointer, stepper, tag, universal, changes):
     """The checkpoint into the stepper's engine(s); with a changed lr (or discriminator_lr) the schedules' peak
     rates become this run's. Returns the client state."""
