@@ -147,7 +147,14 @@ class ConvLayer(nn.Module):
         self.act = activation(config.conv_act)
 
     def forward(self, embeddings, layer0_output, input_mask):
-        c = self.conv(embeddings.transpose(1, 2)).transpose(1, 2)
+        return self.merge(self.convolve(embeddings), layer0_output, input_mask)
+
+    def convolve(self, embeddings):
+        """The convolution over the sequence [B, N, D] (the one step that reads neighbouring tokens)."""
+        return self.conv(embeddings.transpose(1, 2)).transpose(1, 2)
+
+    def merge(self, c, layer0_output, input_mask):
+        """The convolution's output c added to layer 0's output, token by token."""
         c = c.masked_fill(~input_mask.bool().unsqueeze(-1), 0)
         c = self.act(self.dropout(c))
         return self.LayerNorm(layer0_output + c) * input_mask.unsqueeze(-1).to(c.dtype)

@@ -186,12 +186,17 @@ class RTDModel(nn.Module):
         sample_generator or torch's default generator."""
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         generated = self.generator(input_ids=input_ids, attention_mask=mask, labels=labels)
-        corruption = corrupt(input_ids, labels, generated.logits, sampled, sample_seeds, sample_generator)
+        corruption = self.corrupt(input_ids, labels, generated.logits, sampled, sample_seeds, sample_generator)
         judged = self.discriminator(corruption.ids, mask, corruption.replaced, self.shared_rows(corruption.ids))
         loss = generated.loss + self.rtd_lambda * judged.loss
         values = dict(generator_values(generated, corruption), **discriminator_values(judged, corruption, mask))
         return Output(loss=loss, logits=generated.logits, labels=corruption.targets, rtd_logits=judged.logits,
                       corrupted=corruption.ids, replaced=corruption.replaced, **values)
+
+    def corrupt(self, input_ids, labels, logits, sampled=None, sample_seeds=None, sample_generator=None):
+        """The discriminator's input: `corrupt` of this module (a method, so that a runtime that splits a
+        sequence over ranks can make every rank's copy the same)."""
+        return corrupt(input_ids, labels, logits, sampled, sample_seeds, sample_generator)
 
     def discriminator_word_table(self):
         """The table the discriminator reads, as the release holds it: E_G + E_Δ (gdes), E_G (es), its own (none)."""

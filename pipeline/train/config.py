@@ -42,6 +42,10 @@ class RunConfig:
     # engine
     mode: str = "zero3"  # "zero3": DeepSpeedEngine with ZeRO (stage from the DS config); "pipeline": PipelineModule + ZeRO-0/1
     pipeline_stages: int = 1
+    # zero3 mode: ranks per sequence (DeepSpeed Ulysses, pipeline/train/sequence_parallel.py): each of SP ranks
+    # holds 1/SP of every sequence's tokens; data-parallel ranks = world / SP. Must divide the attention heads
+    # and the data's sequence length.
+    sequence_parallel_size: int = 1
     activation_checkpointing: bool = False
     # ZeRO-3: gather each encoder layer's parameters as one group (a DeepSpeed leaf module), so ZeRO-3's hooks
     # run once per layer rather than once per Linear and LayerNorm (pipeline/train/zero3.py, leaf_layers)
@@ -120,6 +124,13 @@ class RunConfig:
             raise ConfigError(f"{source}: rtd_lambda and generator_layers must not be negative")
         if self.discriminator_lr is not None and self.discriminator_lr < 0:
             raise ConfigError(f"{source}: discriminator_lr must not be negative, got {self.discriminator_lr}")
+        if self.sequence_parallel_size < 1:
+            raise ConfigError(f"{source}: sequence_parallel_size must be at least 1, got {self.sequence_parallel_size}")
+        if self.mode == "pipeline" and self.sequence_parallel_size != 1:
+            raise ConfigError(f"{source}: sequence_parallel_size {self.sequence_parallel_size} needs mode 'zero3': "
+                              "DeepSpeed's pipeline engine passes one activation tensor between stages and averages "
+                              "gradients over its own data-parallel groups, which do not know of sequence groups; use "
+                              "mode zero3 (ZeRO-3 partitions the model as the pipeline would)")
         if self.mode == "zero3" and self.pipeline_stages != 1:
             raise ConfigError(f"{source}: pipeline_stages={self.pipeline_stages} needs mode 'pipeline'")
         if self.optimizer not in OPTIMIZERS:
@@ -143,6 +154,10 @@ class RunConfig:
             config = self.model_config()
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+        if config.num_attention_heads % self.sequence_parallel_size:
+            raise ConfigError(f"{source}: sequence_parallel_size {self.sequence_parallel_size} does not divide the "
+                              f"{config.num_attention_heads} attention heads of model {self.model!r}: each rank of a "
+                              "sequence group attends with an equal share of the heads")
         if self.mode == "pipeline" and config.num_hidden_layers < 2:
             raise ConfigError(f"{source}: mode 'pipeline' needs at least 2 encoder layers (the first stage's block "
                               f"carries the conv, the last one's the EMD), model {self.model!r} has "

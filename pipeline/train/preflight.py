@@ -24,16 +24,23 @@ def run_overrides(args):
 
 
 def dp_size_of(run, world_size):
+    """Data-parallel ranks: the world over the ranks of one pipeline or one sequence group."""
     if world_size % run.pipeline_stages:
         raise ConfigError(f"world size {world_size} is not divisible by pipeline_stages {run.pipeline_stages}: every "
                           f"pipeline needs {run.pipeline_stages} ranks")
-    return world_size // run.pipeline_stages
+    if world_size % run.sequence_parallel_size:
+        raise ConfigError(f"world size {world_size} is not divisible by sequence_parallel_size "
+                          f"{run.sequence_parallel_size}: every sequence group needs {run.sequence_parallel_size} ranks")
+    return world_size // run.pipeline_stages // run.sequence_parallel_size
 
 
 def complete_for_run(run, ds, dp_size, source):
     """The DeepSpeed config of this run: batch sizes from the run config, the mode's own checks."""
-    ds = complete_ds_config(ds, batch_fields(run.global_batch_size, run.micro_batch_size, dp_size), source,
-                            "the run config")
+    fields = batch_fields(run.global_batch_size, run.micro_batch_size, dp_size)
+    if run.sequence_parallel_size > 1:
+        from pipeline.train.sequence_parallel import deepspeed_batch_fields
+        fields = deepspeed_batch_fields(fields, run.sequence_parallel_size)
+    ds = complete_ds_config(ds, fields, source, "the run config")
     if offloads_optimizer(ds) and run.optimizer != "cpu_adam":
         raise ConfigError(f"{source}: offload_optimizer to CPU needs optimizer 'cpu_adam' in the run config "
                           f"(DeepSpeedCPUAdam), got {run.optimizer!r}")

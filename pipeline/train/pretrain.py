@@ -76,6 +76,7 @@ def train(run, ds, env, accept_data_change=False):
     """One pretraining run on the shared loop (pipeline/run/loop.py); returns the exit code."""
     from pipeline.data.mlm_loader import build_pretrain_loader
     from pipeline.data.tokenizer import Tokenizer
+    from pipeline.errors import DataError
     from pipeline.run import loop
     from pipeline.run.checkpointer import Checkpointer, ensure_universal
     from pipeline.run.ds_config import precision, zero_stage
@@ -94,6 +95,10 @@ def train(run, ds, env, accept_data_change=False):
     checkpointer = Checkpointer(os.path.join(run.output_dir, "checkpoints"), rank, run.save_interval, run.keep_last)
     lock_run_directory(run.output_dir, rank, "pretraining run")
     data = resume.data_identity(run, tokenizer)
+    if data["max_seq_len"] % run.sequence_parallel_size:
+        raise DataError(f"{run.data_dir}: sequences of {data['max_seq_len']} tokens do not split over "
+                        f"sequence_parallel_size {run.sequence_parallel_size} ranks; preprocess with a --max-seq-len "
+                        "that it divides")
 
     # resume plan, decided before the engine exists (a universal load is an engine setting)
     tag, meta = checkpointer.resume_point()
@@ -105,7 +110,9 @@ def train(run, ds, env, accept_data_change=False):
         changes = resume.check_run_changes(meta, run, source)
         history, changed_before = meta.get("data_history", []), meta.get("changes", [])
         resume.check_engine_changes(meta, zero_stage(ds), precision(ds), source)
-        if meta["dp_size"] != dp_size or meta["pipeline_stages"] != run.pipeline_stages:
+        # another partitioning of the engine's states: through the universal checkpoint
+        if (meta["dp_size"] != dp_size or meta["pipeline_stages"] != run.pipeline_stages
+                or meta.get("sequence_parallel_size", 1) != run.sequence_parallel_size):
             tag = ensure_universal(checkpointer.dir, tag, rank)
             ds.setdefault("checkpoint", {})["load_universal"] = True
             universal = True
@@ -136,12 +143,13 @@ def train(run, ds, env, accept_data_change=False):
     where = f"resumed from {tag} at step {step}" if tag else "from scratch"
     validation = (f", validation: {run.eval_steps * run.global_batch_size} of {len(valid_loader.data)} samples "
                   f"every {run.eval_interval} steps" if valid_loader else "")
-    say(rank, f"pretrain: mode {run.mode}, {world} ranks (dp {dp_size} x stages {run.pipeline_stages}), "
+    split = f" x sequence parallel {run.sequence_parallel_size}" if run.sequence_parallel_size > 1 else ""
+    say(rank, f"pretrain: mode {run.mode}, {world} ranks (dp {dp_size} x stages {run.pipeline_stages}{split}), "
               f"{precision(ds)}, ZeRO {zero_stage(ds)}{stepper.describe()}, global batch "
               f"{run.global_batch_size}, {len(loader.data)} samples, {where}{validation}")
 
     checkpointer.meta = {**resume.model_identity(run), "pipeline_stages": run.pipeline_stages, "dp_size": dp_size,
-                         "world_size": world, "zero_stage": zero_stage(ds), "precision": precision(ds),
+                         "sequence_parallel_size": run.sequence_parallel_size, "world_size": world, "zero_stage": zero_stage(ds), "precision": precision(ds),
                          "run_config": run.to_dict(), "tokenizer_sha256": tokenizer.fingerprint, "data": data,
                          "data_history": history, "changes": changed_before}
     peak = (run.peak_tflops or guess_peak_tflops() or 0) * 1e12 * world

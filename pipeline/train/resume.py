@@ -17,7 +17,7 @@ from pipeline.run.checkpointer import META
 APPLIED = ("lr", "discriminator_lr", "warmup_steps", "max_steps", "weight_decay", "rtd_lambda")
 STEERING = ("output_dir", "data_dir", "valid_data_dir", "tokenizer", "save_interval", "keep_last", "eval_interval",
             "eval_steps", "log_interval", "peak_tflops", "max_nonfinite_steps", "activation_checkpointing",
-            "zero3_leaf_layers", "micro_batch_size", "init_from_release")
+            "zero3_leaf_layers", "micro_batch_size", "init_from_release", "sequence_parallel_size")
 # compared by check_compatible (the model config they give) or by the universal conversion (pipeline_stages)
 CHECKED_ELSEWHERE = ("model", "model_overrides", "mode", "objective", "generator_layers", "embedding_sharing",
                      "rtd_training", "pipeline_stages")

@@ -24,7 +24,7 @@ from model.rtd import RTDModel
 from pipeline.run.ds_config import zero_stage
 from pipeline.run.lifecycle import reduce_mean
 from pipeline.run.optim import param_groups
-from pipeline.train.zero3 import Zero3Stepper, leaf_layers, prepare_for_engine
+from pipeline.train.zero3 import Zero3Stepper, leaf_layers, prepare_for_engine, split_sequences
 
 LOGGED = ("loss", "mlm_loss", "mlm_accuracy", "rtd_loss", "rtd_accuracy", "replaced_rate", "generator_correct")
 
@@ -36,6 +36,7 @@ def build_rtd_model(run, ds, model_config, rank):
         model = RTDModel(model_config, run.generator_config(), run.embedding_sharing, run.rtd_lambda, emd=run.emd)
     # as build_zero3_model: ZeRO-3 gathers each weight only around its own module's forward
     convert.apply(model, model_config.attention_impl, fuse_qkv=stage != 3, autocast_linear=stage != 3)
+    split_sequences(run, model)
     generator, discriminator = model.generator, model.discriminator
     prepare_for_engine(run, stage, generator, leaf_layers(generator) + list(discriminator.deberta.encoder.layer),
                        [generator.deberta.encoder, discriminator.deberta.encoder])

@@ -25,15 +25,14 @@ import os
 
 import deepspeed
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from model.rtd import corrupt, discriminator_values, generator_values
+from model.rtd import discriminator_values, generator_values
 from pipeline.run.checkpointer import ENGINE_DIRS, load_engine, write_through_python
 from pipeline.run.lifecycle import reduce_mean
 from pipeline.run.optim import build_engine, param_groups
 from pipeline.train.rtd import LOGGED, build_rtd_model
-from pipeline.train.zero3 import Zero3Stepper
+from pipeline.train.zero3 import Zero3Stepper, data_parallel_position
 
 
 
@@ -61,7 +60,7 @@ class DecoupledRTDStepper(Zero3Stepper):
                          groups=param_groups(network, run.weight_decay, lr))
             for network, lr in ((self.module.generator, run.lr), (self.module.discriminator, d_lr)))
         self.engines = (self.engine, self.d_engine)
-        self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
+        self.dp_rank, self.dp_size = data_parallel_position(run)
 
     def describe(self):
         from deepspeed.utils import get_z3_leaf_modules
@@ -80,8 +79,8 @@ class DecoupledRTDStepper(Zero3Stepper):
             batch = next(batches)
             generated = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                     labels=batch["labels"])
-            corruption = corrupt(batch["input_ids"], batch["labels"], generated.logits,
-                                 sample_seeds=batch.get("sample_seeds"))
+            corruption = self.module.corrupt(batch["input_ids"], batch["labels"], generated.logits,
+                                             sample_seeds=batch.get("sample_seeds"))
             corrupted.append((corruption, batch["attention_mask"], generator_values(generated, corruption)))
             if train:
                 self.engine.backward(generated.loss)

@@ -34,10 +34,25 @@ def build_zero3_model(run, ds, model_config, rank):
         model = DebertaForMaskedLM(model_config, emd=run.emd)
     # the fast pieces; ZeRO-3 gathers each weight only around its own module's forward (fuse_qkv, autocast_linear)
     convert.apply(model, model_config.attention_impl, fuse_qkv=stage != 3, autocast_linear=stage != 3)
+    split_sequences(run, model)
     prepare_for_engine(run, stage, model, leaf_layers(model), [model.deberta.encoder])
     if run.init_from_release:
         load_release_into(model, run.init_from_release, stage, rank)
     return model
+
+
+def split_sequences(run, model):
+    """With sequence_parallel_size > 1, the model's encoders over this rank's share of each sequence
+    (pipeline/train/sequence_parallel.py)."""
+    if run.sequence_parallel_size > 1:
+        from pipeline.train import sequence_parallel
+        sequence_parallel.apply(model, sequence_parallel.SequenceGroup(run.sequence_parallel_size))
+
+
+def data_parallel_position(run):
+    """(data-parallel rank, size) of this rank: the ranks of a sequence group read the same micro-batches."""
+    sp = run.sequence_parallel_size
+    return dist.get_rank() // sp, dist.get_world_size() // sp
 
 
 def prepare_for_engine(run, stage, mlm_model, leaves, encoders):
@@ -112,7 +127,7 @@ class Zero3Stepper(EngineStepper):
         self.module = self.build_module(run, ds, model_config, rank)
         self.engine = build_engine(self.module, ds, run.lr, run.adam_betas, run.adam_eps, run.weight_decay,
                                    run.warmup_steps, run.max_steps, run.optimizer, groups=self.optimizer_groups(run))
-        self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
+        self.dp_rank, self.dp_size = data_parallel_position(run)
 
     def feed(self, loader):
         self.train_batches = self.batches(loader)

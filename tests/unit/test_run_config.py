@@ -38,6 +38,8 @@ def test_shipped_configs_load_by_name_with_overrides():
     ("mode=tensor", "mode 'tensor' is not one of ('zero3', 'pipeline')"),
     ("pipeline_stages=2", "pipeline_stages=2 needs mode 'pipeline'"),
     ("save_interval=0", "save_interval must be at least 1, got 0"),
+    ("sequence_parallel_size=0", "sequence_parallel_size must be at least 1, got 0"),
+    ("sequence_parallel_size=3", "sequence_parallel_size 3 does not divide the 4 attention heads"),
     ("lr=-1", "lr must not be negative, got -1.0"),
     ("adam_betas=[0.9]", "adam_betas must be two numbers in [0, 1)"),
     ("optimizer=sgd", "optimizer 'sgd' is not one of"),
@@ -83,3 +85,12 @@ def test_rtd_settings_are_checked_against_the_model_and_the_mode():
         RunConfig.from_file("tiny_cpu", ["objective=rtd", "mode=pipeline"])
     v3 = RunConfig.from_file("v3_large")
     assert (v3.objective, v3.embedding_sharing, v3.rtd_lambda, v3.generator_config().num_hidden_layers) == ("rtd", "gdes", 10.0, 12)
+
+
+def test_sequence_parallel_is_refused_in_pipeline_mode_and_divides_the_world():
+    with pytest.raises(ConfigError, match="sequence_parallel_size 2 needs mode 'zero3'"):
+        RunConfig.from_file("tiny_cpu", ["mode=pipeline", "pipeline_stages=2", "sequence_parallel_size=2"])
+    run = RunConfig.from_file("tiny_cpu", ["sequence_parallel_size=2"])
+    assert dp_size_of(run, 4) == 2
+    with pytest.raises(ConfigError, match="world size 3 is not divisible by sequence_parallel_size 2"):
+        dp_size_of(run, 3)
