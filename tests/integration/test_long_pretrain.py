@@ -27,6 +27,26 @@ def long_shards(tiny_shards, tmp_path_factory):
     return out
 
 
+def test_shards_of_8192_tokens_give_masked_batches_of_8192(tiny_shards, tmp_path):
+    """Preprocessing and the loader at 8192 tokens (int32 token ids, no length limit): full rows, the masking
+    budget scaled to the length (15%), predictions far beyond position 512."""
+    from pipeline.data.mlm_loader import build_pretrain_loader
+    work = tiny_shards.parent
+    first = sorted((work / "corpus").iterdir())[0]
+    result = cli("preprocess", "--input", str(first), "--tokenizer", str(work / "spm.model"), "--output-dir",
+                 str(tmp_path / "shards"), "--max-seq-len", "8192", "--workers", "1", "--no-progress")
+    assert result.returncode == 0, explain(result)
+    for masking in ("mlm", "rtd"):
+        loader = build_pretrain_loader(str(tmp_path / "shards"), str(work / "spm.model"), 2, 0, 1, seed=1,
+                                       masking=masking)
+        assert loader.max_seq_len == 8192 and len(loader.data) >= 2
+        batch = next(iter(loader))
+        full = int(batch["attention_mask"].sum(1).argmax())  # a shard's last sample is its shorter remainder
+        assert batch["input_ids"].shape == (2, 8192) and bool(batch["attention_mask"][full].all())
+        predicted = (batch["labels"][full] != -100).nonzero().flatten()
+        assert 0.12 * 8192 < len(predicted) <= 0.15 * 8192 + 20 and predicted.max() > 4096
+
+
 def saved_model_config(out):
     meta = json.loads((out / "checkpoints" / "global_step1" / "deberta_ds.json").read_text())
     return meta["model_config"], meta["run_config"]["model_overrides"]

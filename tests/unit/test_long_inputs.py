@@ -47,23 +47,29 @@ def test_relative_positions_saturate_beyond_512():
 
 def test_a_2048_token_release_loads_in_transformers_with_our_outputs(tmp_path):
     """A model pretrained at 2048 tokens (its EMD table 2048 rows): transformers loads its release and gives our
-    last_hidden_state at 2048 tokens, padded or not; our loader reads the table back whole."""
+    last_hidden_state at 2048 tokens, padded or not; our loader reads the table back whole for the EMD."""
     config = preset("tiny", **dict(PUBLISHED_512, max_position_embeddings=2048, max_relative_positions=512))
     _, ours = hf_and_ours(config, "mlm", emd=True)
     assert ours.deberta.embeddings.position_embeddings.weight.shape[0] == 2048
     save_release(ours, str(tmp_path / "rel"))
     theirs = transformers.DebertaV2Model.from_pretrained(str(tmp_path / "rel")).eval()
     again = load_release(str(tmp_path / "rel"), task="base")
-    ids, mask = padded_batch(2048, seed=1)
+    ids, mask = padded_batch(2048, seed=1)  # the first sequence whole, the second padded
     keep = mask.bool()
     with torch.no_grad():
-        for attention_mask in (torch.ones_like(mask), mask):
-            a = again(input_ids=ids, attention_mask=attention_mask).last_hidden_state
-            b = theirs(input_ids=ids, attention_mask=attention_mask).last_hidden_state
-            rows = keep if attention_mask is mask else torch.ones_like(keep)
-            assert torch.allclose(a[rows], b[rows], atol=1e-5), (a[rows] - b[rows]).abs().max()
+        a = again(input_ids=ids, attention_mask=mask).last_hidden_state
+        b = theirs(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.allclose(a[keep], b[keep], atol=1e-5), (a[keep] - b[keep]).abs().max()
     mlm = load_release(str(tmp_path / "rel"), task="mlm")
     assert mlm.emd_steps == 2 and torch.equal(mlm.deberta.embeddings.position_embeddings.weight,
                                               ours.deberta.embeddings.position_embeddings.weight)
-    with torch.no_grad():  # the EMD reads positions up to 2047
-        assert mlm(input_ids=ids[:1]).logits.shape == (1, 2048, 1000)
+
+
+def test_fine_tuning_length_is_limited_only_by_an_input_position_table():
+    import pytest
+    from pipeline.errors import ConfigError
+    from pipeline.finetune.start import check_length
+    check_length(preset("tiny", **PUBLISHED_512), 8192, "REL")  # v2/v3: relative positions only, any length
+    with pytest.raises(ConfigError, match=r"max_seq_len 1024 is longer than REL's absolute positions "
+                                          r"\(max_position_embeddings 512, added to its input\)"):
+        check_length(preset("tiny", **PUBLISHED_512, position_biased_input=True), 1024, "REL")
