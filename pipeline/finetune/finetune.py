@@ -170,7 +170,7 @@ def finetune(run):
     from pipeline.data.tokenizer import Tokenizer
     from pipeline.finetune.inference import evaluate
     from pipeline.finetune.results import metrics_table, save_best
-    from pipeline.finetune.start import build_model, resolve_sift, set_cls_dropout
+    from pipeline.finetune.start import build_model, check_length, resolve_sift, set_cls_dropout
     from pipeline.finetune.stepper import FinetuneStepper
     from pipeline.finetune.tasks import get_task
     from pipeline.io import atomic_json, check_output_identity, make_dirs
@@ -201,6 +201,7 @@ def finetune(run):
     model = build_model(run, task, settings.attention_impl, partitioned=zero_stage(ds) == 3)
     tokenizer.check_fits(model.config.vocab_size, f"the vocabulary of {run.start}",
                          "pass the tokenizer the release was trained with (--tokenizer)")
+    check_length(model.config, settings.max_seq_len, run.start)
     set_cls_dropout(model, settings.cls_drop_out)
     sift = resolve_sift(settings, model.config)
     identity = run_identity(run, task, tokenizer, train_features, world_size)

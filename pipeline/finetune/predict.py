@@ -70,7 +70,7 @@ def predict(args):
 
     from pipeline.data.tokenizer import Tokenizer
     from pipeline.finetune.features import write_submission
-    from pipeline.finetune.start import head_task
+    from pipeline.finetune.start import check_length, head_task
     from pipeline.finetune.inference import predict_logits
     from pipeline.finetune.tasks import get_task
     from pipeline.release import load_release
@@ -90,6 +90,7 @@ def predict(args):
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     model = load_release(args.model, task=head_task(task), num_labels=task.num_labels, dtype=dtype,
                          attention_impl=args.attention_impl).to(device)
+    check_length(model.config, max_seq_len, args.model)
     logits = predict_logits(model, features, args.batch_size, device)
     predictions = task.decode(examples, features, logits)
     # Only test predictions are the submission; other splits go to a sub-folder so they never replace it.

@@ -50,6 +50,16 @@ def build_model(run, task, attention_impl=None, partitioned=False):
     return convert.apply(model, mnli.config.attention_impl, fuse_qkv=not partitioned, autocast_linear=not partitioned)
 
 
+def check_length(config, max_seq_len, release):
+    """Refuse a max_seq_len the model cannot read: only a model that adds absolute positions to its input
+    (position_biased_input) has a length limit, its table. DeBERTa-v2/v3 releases have none and take any length
+    (relative positions; a 512-token model's log buckets saturate beyond 512: README, long inputs)."""
+    if config.position_biased_input and max_seq_len > config.max_position_embeddings:
+        raise ConfigError(f"max_seq_len {max_seq_len} is longer than {release}'s absolute positions "
+                          f"(max_position_embeddings {config.max_position_embeddings}, added to its input): use "
+                          f"--max-seq-len {config.max_position_embeddings} or less")
+
+
 def set_cls_dropout(model, value):
     model.dropout.p = float(value)
     model.config = model.config.replace(cls_dropout=float(value))  # recorded in the saved release

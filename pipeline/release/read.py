@@ -5,9 +5,11 @@ from a release and each pipeline stage's.
 `Release(path)` reads the config and the tensor headers only; tensors are read one at a time when asked
 for (`read(key)`), so no caller holds a release as a whole beside its model. Keys are ours
 (model/state_dict_adapter.py). Anything missing, unexpected or mis-shaped is a ReleaseError naming the key
-(and both shapes): nothing is silently re-initialised. The one exception is a task head (pooler/classifier)
+(and both shapes): nothing is silently re-initialised. The exceptions are a task head (pooler/classifier)
 that the release does not have: it is new by definition when fine-tuning starts from a pretrained release,
-and `load_release` says so.
+and `load_release` says so; and, for a run starting from a release, an absolute position table shorter than the
+run's (a 512-position release pretrained further on longer sequences): its rows are copied, the rest keep their
+initialisation, and the run says so (`grows`, `copy_weight`, `check_grown`).
 """
 import contextlib
 import json
@@ -117,6 +119,35 @@ def read_config(path):
         raise ReleaseError(str(e)) from None
 
 
+# ---------------------------------------------------------------- a longer position table
+def grows(key, have, want):
+    """True where the release's absolute position table (`have` rows) is shorter than the model's (`want`), same
+    width: the run trains on longer sequences than the release was pretrained on."""
+    return (key.endswith("position_embeddings.weight") and len(have) == len(want) == 2 and have[1] == want[1]
+            and have[0] < want[0])
+
+
+def copy_weight(param, source):
+    """param <- source; a shorter position table (grows) fills the first rows, the others keep their values."""
+    param[: source.shape[0]].copy_(source.to(param.dtype))
+
+
+def check_grown(path, release_config, config, grown):
+    """The notice for the tables that grow ({key: (release rows, model rows)}), or a ReleaseError when the run's
+    relative attention differs from the release's: the table grows, the log buckets must not move (with
+    max_relative_positions -1 they follow max_position_embeddings)."""
+    if not grown:
+        return None
+    if (release_config.max_relative, release_config.position_buckets) != (config.max_relative, config.position_buckets):
+        raise ReleaseError(f"{path}: its relative positions span {release_config.max_relative} in "
+                           f"{release_config.position_buckets} buckets, the run's {config.max_relative} in "
+                           f"{config.position_buckets}: set model_overrides.max_relative_positions="
+                           f"{release_config.max_relative} (and position_buckets) to keep what it learned")
+    have, want = next(iter(grown.values()))
+    return (f"init_from_release: {path} has {have} absolute positions, the run {want}: rows 0-{have - 1} of "
+            f"{', '.join(sorted(grown))} are the release's, rows {have}-{want - 1} start from random initialisation")
+
+
 # ---------------------------------------------------------------- the release
 class Release:
     """A release directory opened for reading: its config.json (`values`, `config`) and its tensors under our
@@ -147,11 +178,16 @@ class Release:
             raise ReleaseError(f"{self.path}: {keys.LEGACY_DECODER} differs from the word embeddings it should be "
                                "tied to; this model ties them")
 
-    def check_fits(self, shapes, what, new_ok=(), unexpected_ok=None):
+    def grown(self, shapes):
+        """{key: (release rows, model rows)} of the position tables that are shorter in the release (grows)."""
+        return {k: (self.refs[k].shape[0], s[0]) for k, s in shapes.items()
+                if k in self.refs and grows(k, tuple(self.refs[k].shape), tuple(s))}
+
+    def check_fits(self, shapes, what, new_ok=(), unexpected_ok=None, grown_ok=()):
         """Every key of `shapes` ({our key: shape}) present with that shape, else a ReleaseError naming keys and
         shapes. Keys starting with a prefix of `new_ok` may be missing (returned: a new task head); keys of the
-        release that `shapes` lacks are an error unless unexpected_ok(key) allows them. Every weight read must
-        be floating point (check_float)."""
+        release that `shapes` lacks are an error unless unexpected_ok(key) allows them; keys in `grown_ok` (a
+        position table that grows) may be shorter. Every weight read must be floating point (check_float)."""
         self.check_float(k for k in shapes if k in self.refs)
         missing = [k for k in shapes if k not in self.refs]
         new = [k for k in missing if k.startswith(tuple(new_ok))]
@@ -163,7 +199,7 @@ class Release:
         if unexpected:
             problems.append("unexpected keys: " + ", ".join(unexpected[:10]) + (" ..." if len(unexpected) > 10 else ""))
         for key, shape in shapes.items():
-            if key in self.refs and tuple(self.refs[key].shape) != tuple(shape):
+            if key in self.refs and tuple(self.refs[key].shape) != tuple(shape) and key not in grown_ok:
                 problems.append(f"{key} has shape {tuple(self.refs[key].shape)} in the release but "
                                 f"{tuple(shape)} in the model")
         if problems:

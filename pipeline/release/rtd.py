@@ -23,8 +23,8 @@ from model import DebertaConfig
 from model import state_dict_adapter as keys
 from model.rtd import DebertaForRTD, RTDModel
 from pipeline.errors import ReleaseError
-from pipeline.run.lifecycle import raise_where_read
-from pipeline.release.read import Release, check_float_weight
+from pipeline.run.lifecycle import raise_where_read, say
+from pipeline.release.read import Release, check_float_weight, check_grown, copy_weight, grows
 from pipeline.release.write import StreamingSafetensors, write_config
 
 GENERATOR_FILE = "pytorch_model.generator.bin"
@@ -145,10 +145,18 @@ def load_rtd_release_into(model, path, stage, rank):
     if reads:
         wanted = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in own.items()}
         have = {k: tuple(v.shape) for k, v in values.items() if k != "release table"}
+        grown = {k: (have[k][0], s[0]) for k, s in wanted.items() if k in have and grows(k, have[k], s)}
         problems = [k for k in wanted if k not in have and k != D_TABLE] + \
-                   [f"{k} {have[k]} vs {s}" for k, s in wanted.items() if k in have and have[k] != s]
+                   [f"{k} {have[k]} vs {s}" for k, s in wanted.items() if k in have and have[k] != s and k not in grown]
         if problems:
             error = ReleaseError(f"{path}: does not fit the run's RTD model: " + ", ".join(problems[:6]))
+        else:
+            try:  # the generator carries the EMD's table
+                notice = check_grown(path, generator_config, model.generator_config, grown)
+                if notice:
+                    say(rank, notice)
+            except ReleaseError as e:
+                error = e
     raise_where_read(error, stage == 3)
     for name, param in own.items():
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=stage == 3):
@@ -159,7 +167,7 @@ def load_rtd_release_into(model, path, stage, rank):
                 tensor = table - _load(values[G_TABLE]).float() if model.sharing == "gdes" else table
             else:
                 tensor = _load(values[name])
-            param.data.copy_(tensor.to(param.dtype))
+            copy_weight(param.data, tensor)
 
 
 def _load(value):

@@ -120,7 +120,8 @@ def choose_for_job(run, world_size, ranks_per_node, device, seq_len, zero_stages
                           "config: give --deepspeed zero3_offload_bf16, or --set optimizer=adamw")
     per_node = ranks_per_node if world_size % ranks_per_node == 0 else world_size
     result = plan.plan(run, world_size // per_node, per_node, device.memory_gb, seq_len, run.pipeline_stages,
-                       zero_stages, element_bytes=4 if device.precision == "fp32" else 2)
+                       zero_stages, element_bytes=4 if device.precision == "fp32" else 2,
+                       sequence_parallel=run.sequence_parallel_size)
     if result["choice"] is None:
         raise ConfigError(f"--deepspeed auto: {plan.nothing_fits(result)}")
     return result, result["choice"]

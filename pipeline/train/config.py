@@ -170,6 +170,25 @@ class RunConfig:
     def to_dict(self):
         return dataclasses.asdict(self)
 
+    def fitted_to(self, seq_len):
+        """(this run for data of seq_len tokens, a one-line notice or None). A model with an absolute position
+        table (the EMD's; the input's with position_biased_input) needs a row per position: a longer sequence than
+        max_position_embeddings gets a table of seq_len rows, in model_overrides, so the checkpoints' model config,
+        a resume on the same data and the release all have it. max_relative_positions -1 means "follow
+        max_position_embeddings": it is pinned to the old value, so the relative attention (its log buckets) stays
+        what the preset defines and a release of the preset still fits; only the absolute table grows."""
+        config = self.model_config()
+        has_table = config.position_biased_input or self.emd
+        if not has_table or seq_len <= config.max_position_embeddings:
+            return self, None
+        overrides = dict(self.model_overrides, max_position_embeddings=seq_len)
+        if config.max_relative_positions < 1:
+            overrides["max_relative_positions"] = config.max_relative
+        notice = (f"data of {seq_len} tokens: the absolute position table grows from {config.max_position_embeddings} "
+                  f"to {seq_len} rows (model_overrides.max_position_embeddings={seq_len}; relative positions as "
+                  f"before, max_relative_positions={overrides.get('max_relative_positions', config.max_relative)})")
+        return dataclasses.replace(self, model_overrides=overrides), notice
+
     def tokenizer_path(self):
         return self.tokenizer or os.path.join(self.data_dir, "spm.model")
 

@@ -34,7 +34,8 @@ from model.heads import enhanced_mask_decoder, lm_transform, masked_positions
 from model.layers import Embedding, Linear, activation
 from pipeline.run.ds_config import zero_stage
 from pipeline.errors import ConfigError
-from pipeline.release.read import Release
+from pipeline.release.read import Release, check_grown, copy_weight
+from pipeline.run.lifecycle import say
 from pipeline.run.optim import build_engine
 from pipeline.run.stepper import EngineStepper
 
@@ -191,19 +192,24 @@ def seed_layer(seed):
 
 
 # ------------------------------------------------------------ starting from a release
-def load_release_into_pipe(module, path, config):
+def load_release_into_pipe(module, path, config, announce=True):
     """Copy a release's weights into this stage's layers: each stage reads only the tensors it holds, one at a
-    time (the release's headers give the keys and shapes)."""
+    time (the release's headers give the keys and shapes). announce: say here when the position table grows
+    (the last stage holds it; one of its ranks says it)."""
     release = Release(path)
     release.check_tie()
     maps = keys.pipeline_layer_keys(config)
     own = {name: key for name in module.state_dict() if (key := keys.from_pipeline(name, maps)) is not None}
     shapes = {key: tuple(module.state_dict()[name].shape) for name, key in own.items()}
-    release.check_fits(shapes, "pipeline stage", unexpected_ok=lambda key: True)
+    grown = release.grown(shapes)
+    release.check_fits(shapes, "pipeline stage", unexpected_ok=lambda key: True, grown_ok=grown)
+    notice = check_grown(path, release.config, config, grown)
+    if notice and announce:
+        say(0, notice)
     with torch.no_grad():
         for name, tensor in module.state_dict().items():
             if name in own:
-                tensor.copy_(release.read(own[name]).to(tensor.dtype))
+                copy_weight(tensor, release.read(own[name]))
 
 
 def pipeline_batches(batches):
@@ -238,7 +244,9 @@ class PipeStepper(EngineStepper):
                                             activation_checkpointing=run.activation_checkpointing, seed=run.seed)
         convert.apply(self.module, model_config.attention_impl)  # ZeRO-0/1: every weight whole on every rank
         if run.init_from_release:
-            load_release_into_pipe(self.module, run.init_from_release, model_config)
+            # the last rank is on the last stage (DeepSpeed's pipe-major rank order), where the EMD's table is
+            last = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+            load_release_into_pipe(self.module, run.init_from_release, model_config, announce=last)
         self.engine = build_engine(self.module, ds, run.lr, run.adam_betas, run.adam_eps, run.weight_decay,
                                    run.warmup_steps, run.max_steps, run.optimizer)
         self.dp_rank, self.dp_size = self.engine.grid.get_data_parallel_id(), self.engine.grid.get_data_parallel_world_size()

@@ -9,6 +9,7 @@ import os
 from pipeline.run.ds_config import AUTO, batch_fields, complete_ds_config, load_ds_config, offloads_optimizer
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import make_dirs
+from pipeline.run.lifecycle import say
 from pipeline.train.config import RunConfig
 from pipeline.train.modes import stepper_class
 
@@ -51,7 +52,7 @@ def prepare(args, world_size, ranks_per_node=1, local_rank=0, announce=True):
     """(run config, completed DeepSpeed config), or a DebertaDSError naming what is wrong. `--deepspeed auto`
     plans the DeepSpeed config, micro-batch and recomputation for world_size ranks, ranks_per_node to a node
     (pipeline/train/auto_ds.py; `announce`: print the choice)."""
-    run = RunConfig.from_file(args.config, run_overrides(args))
+    run = fit_to_data(RunConfig.from_file(args.config, run_overrides(args)), announce)
     if args.deepspeed == AUTO:
         from pipeline.train.auto_ds import resolve
         check_inputs(run)  # first: the plan reads the shards' sequence length
@@ -62,6 +63,22 @@ def prepare(args, world_size, ranks_per_node=1, local_rank=0, announce=True):
     check_inputs(run)
     make_dirs(run.output_dir, "run directory")  # last: a refused run leaves nothing behind
     return run, ds
+
+
+def fit_to_data(run, announce=True):
+    """The run with its position table as long as the shards' sequences (RunConfig.fitted_to), the change said
+    once. A missing data directory is check_inputs' to report, unreadable shards the loader's."""
+    if not run.data_dir or not os.path.isdir(run.data_dir):
+        return run
+    from pipeline.data.shards import ShardError, ShardSet
+    try:
+        seq_len = ShardSet(run.data_dir).max_seq_len
+    except ShardError:  # the data loader says what is wrong with the shards, where it reads them
+        return run
+    run, notice = run.fitted_to(seq_len)
+    if notice and announce:
+        say(0, notice)
+    return run
 
 
 def check_inputs(run):

@@ -15,8 +15,8 @@ from model.fast import convert
 from model.heads import DebertaForMaskedLM
 from pipeline.run.ds_config import zero_stage
 from pipeline.errors import ReleaseError
-from pipeline.run.lifecycle import raise_where_read, reduce_mean, reduce_sum
-from pipeline.release.read import Release
+from pipeline.run.lifecycle import raise_where_read, reduce_mean, reduce_sum, say
+from pipeline.release.read import Release, check_grown, copy_weight
 from pipeline.run.optim import build_engine
 from pipeline.run.stepper import EngineStepper
 
@@ -102,12 +102,16 @@ def load_release_into(model, path, stage, rank):
     raise_where_read(error, stage == 3)  # every rank must stop on a bad release, not only the one that read it
     own = dict(model.named_parameters())
     shapes = {name: tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape) for name, p in own.items()}
-    release.check_fits(shapes, "pretraining model", unexpected_ok=lambda key: True)
+    grown = release.grown(shapes)
+    release.check_fits(shapes, "pretraining model", unexpected_ok=lambda key: True, grown_ok=grown)
+    notice = check_grown(path, release.config, model.config, grown)
+    if notice:
+        say(rank, notice)
     for name, param in own.items():
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=stage == 3):
             if reads_tensors:
                 source = release.read(name)
-                param.data.copy_(source.to(param.dtype))
+                copy_weight(param.data, source)
                 del source  # one release tensor in memory at a time
 
 

@@ -199,3 +199,46 @@ def test_check_only_with_auto_plans_for_the_job_on_this_machine(tiny_shards, tmp
                   "zero_optimization.stage=2", "--data-dir", str(tiny_shards), "--output-dir", str(tmp_path / "no"))
     assert refused.returncode == 1 and refused.stderr.startswith("error: --ds zero_optimization.stage with")
     assert not (tmp_path / "no").exists()
+
+
+# ---------------------------------------------------------------- long sequences and sequence parallelism
+def row(result, stage=1, micro=16, recompute=False):
+    return next(r for r in result["rows"] if r["mode"] == "zero3" and r["zero_stage"] == stage
+                and r["micro_batch"] == micro and r["activation_checkpointing"] == recompute)
+
+
+def test_sequence_parallelism_splits_the_encoder_not_the_emd_nor_the_states():
+    """SP 4 on 32 GPUs: 8 data-parallel ranks (micro-batches up to 2048/8), ZeRO states over all 32, the encoder's
+    activations over 4 ranks, the EMD's layer whole on each."""
+    config = RunConfig.from_file("xxlarge").model_config().replace(max_position_embeddings=2048,
+                                                                   max_relative_positions=512)
+    one = plan("--nodes", "4", "--gpus-per-node", "8", "--seq-len", "2048")
+    four = plan("--nodes", "4", "--gpus-per-node", "8", "--seq-len", "2048", "--sequence-parallel", "4")
+    assert (four["sequence_parallel"], four["data_parallel"], four["attention"]) == (4, 8, "linear")
+    assert one["parameters"] == four["parameters"] == PARAMS_1P5B + 1536 * 1536  # the EMD table: 2048 rows
+    assert row(four)["model_states_gb"] == row(one)["model_states_gb"]
+    s, b, h, a = 2048, 16, 1536, 24
+    split = (34 * s * b * h + 4 * a * s * b) / 4  # linear path: logsumexp, no s² term
+    whole = 34 * s * b * h + 4 * a * s * b
+    assert row(four)["activations_gb"] * GB == pytest.approx(48 * split + whole)
+    assert row(one)["activations_gb"] * GB == pytest.approx(49 * whole)
+    recomputed = 48 * 2 * s * b * h / 4 + 2 * s * b * h + whole
+    assert row(four, recompute=True)["activations_gb"] * GB == pytest.approx(recomputed)
+    assert planner.activation_bytes(config, 1, 512, 1, False) == 34 * 512 * h + 7 * a * 512 * 512  # eager at 512
+    # one data-parallel rank per SP group of 8 GPUs takes 256 sequences: micro-batches up to the run's 16
+    assert max(r["micro_batch"] for r in plan("--gpus-per-node", "8", "--sequence-parallel", "8")["rows"]) == 16
+
+
+def test_sequence_parallel_must_divide_heads_and_gpus_and_the_table_says_what_it_assumes():
+    with pytest.raises(ConfigError, match=r"^--sequence-parallel 5 does not divide the model's 24 attention heads"):
+        plan("--gpus-per-node", "5", "--sequence-parallel", "5")
+    with pytest.raises(ConfigError, match=r"^--sequence-parallel 8 does not divide the 4 GPUs"):
+        plan("--gpus-per-node", "4", "--sequence-parallel", "8")
+    parser = argparse.ArgumentParser()
+    planner.add_arguments(parser)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        planner.run(parser.parse_args(["--config", "xxlarge", "--nodes", "8", "--seq-len", "8192",
+                                       "--sequence-parallel", "8"]))
+    assert "sequence parallel 8: 8 data-parallel ranks x 8; per rank 1024 tokens" in out.getvalue()
+    assert "attention: the linear-memory path is assumed above 512 tokens" in out.getvalue()

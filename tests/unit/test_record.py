@@ -115,3 +115,14 @@ def test_every_candidate_is_scored_in_some_window(tmp_path, filler_words):
     features = task.build_features(examples, TOK, max_seq_len=24)
     scored = {c for f in features for c, _ in f["entities"]}
     assert scored == set(range(len(examples[0].candidates)))
+
+
+def test_a_longer_max_seq_len_takes_a_passage_in_fewer_windows(tmp_path):
+    """8192 tokens hold the whole passage: one window, both candidates in it, the answer as before."""
+    task = sg.get_task("ReCoRD")
+    examples = long_record(tmp_path, filler_words=3000)
+    short, long = (task.build_features(examples, TOK, max_seq_len=n) for n in (512, 8192))
+    assert len(short) >= 2 and len(long) == 1 and sorted(dict(long[0]["entities"])) == [0, 1]
+    assert len(long[0]["input_ids"]) > 3000
+    logits = [np.array([3.0 if c == 1 else -1.0 for c, _ in f["entities"]]) for f in long]
+    assert task.decode(examples, long, logits) == {5: "Zurich"}

@@ -94,3 +94,37 @@ def test_sequence_parallel_is_refused_in_pipeline_mode_and_divides_the_world():
     assert dp_size_of(run, 4) == 2
     with pytest.raises(ConfigError, match="world size 3 is not divisible by sequence_parallel_size 2"):
         dp_size_of(run, 3)
+
+
+def test_the_position_table_follows_longer_data_and_nothing_else():
+    run = RunConfig.from_file("tiny_cpu")  # 128 positions, the EMD on
+    assert run.fitted_to(128) == (run, None)
+    longer, notice = run.fitted_to(8192)
+    config = longer.model_config()
+    assert (config.max_position_embeddings, config.max_relative, config.att_span) == (8192, 128, 32)
+    assert longer.model_overrides["max_position_embeddings"] == 8192 and "128 to 8192 rows" in notice
+    assert longer.generator_config().max_position_embeddings == 8192  # rtd: the generator carries the EMD
+    no_table = RunConfig.from_file("tiny_cpu", ["emd=false"])
+    assert no_table.fitted_to(8192) == (no_table, None)  # no absolute positions anywhere: nothing to grow
+
+
+def test_a_release_whose_relative_positions_differ_is_refused_when_its_table_grows(tmp_path):
+    import torch
+    from model import DebertaForMaskedLM, preset
+    from pipeline.errors import ReleaseError
+    from pipeline.release import save_release
+    from pipeline.train.zero3 import load_release_into
+    short = DebertaForMaskedLM(preset("tiny", vocab_size=1000), emd=True)  # 128 positions
+    save_release(short, str(tmp_path / "rel"))
+    # the table grows; max_relative_positions -1 would follow the 256 positions and move the log buckets
+    with pytest.raises(ReleaseError, match="relative positions span 128 in 32 buckets, the run's 256 .*"
+                                           "max_relative_positions=128"):
+        load_release_into(DebertaForMaskedLM(preset("tiny", vocab_size=1000, max_position_embeddings=256)),
+                          str(tmp_path / "rel"), stage=0, rank=0)
+    longer = DebertaForMaskedLM(preset("tiny", vocab_size=1000, max_position_embeddings=256,
+                                       max_relative_positions=128))
+    fresh = longer.deberta.embeddings.position_embeddings.weight.detach().clone()
+    load_release_into(longer, str(tmp_path / "rel"), stage=0, rank=0)
+    table = longer.deberta.embeddings.position_embeddings.weight
+    assert torch.equal(table[:128], short.deberta.embeddings.position_embeddings.weight)
+    assert torch.equal(table[128:], fresh[128:])
