@@ -29,7 +29,6 @@ def measure(args, data_dir, sp, work):
     micro = 1
     sets = [f"sequence_parallel_size={sp}", "global_batch_size=2", f"micro_batch_size={micro}",
             f"max_steps={args.steps}", "log_interval=1", f"save_interval={args.steps + 1}",
-            f"model_overrides.max_position_embeddings={args.seq_len}",
             f"model_overrides.attention_impl={args.attention_impl}"]
     records = [r for r in pretrain_metrics(sets, "cpu_zero3_fp32", data_dir, os.path.join(work, f"sp{sp}"))
                if "step_time_s" in r]

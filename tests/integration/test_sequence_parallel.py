@@ -87,3 +87,37 @@ def test_rtd_sp2_equals_one_process_without_sp(tiny_shards, tmp_path):
         assert result.returncode == 0, explain(result)
     for key in ("loss", "rtd_loss", "mlm_loss"):
         assert_close(losses(tmp_path / "sp2", key), losses(tmp_path / "sp1", key), [1, 2])
+
+
+def readme_long_input_commands():
+    """The commands of README's code block that runs sequence_parallel_size=2, one string each."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        blocks = f.read().split("```")[1::2]
+    block = next(b for b in blocks if "sequence_parallel_size=2" in b)
+    return [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+
+
+def test_readme_4096_token_run_with_sp2_converts_to_a_release_transformers_loads(tiny_shards, tmp_path):
+    """README's commands as written (the demo's corpus and tokenizer: the fixture's), run from a directory where
+    demo_out/ is that: preprocess at 4096, pretrain with SP=2 on 2 ranks, convert with --verify; then
+    transformers runs the release on 4096 tokens."""
+    import shlex
+    work = tiny_shards.parent
+    (tmp_path / "demo_out").mkdir()
+    for name in ("corpus", "spm.model"):
+        os.symlink(work / name, tmp_path / "demo_out" / name)
+    launchers = {"deberta-ds": [sys.executable, "-m", "pipeline.cli"],
+                 "torchrun": [sys.executable, "-m", "torch.distributed.run", "--master_port", str(free_port())]}
+    for command in readme_long_input_commands():
+        argv = shlex.split(command)
+        result = subprocess.run(launchers[argv[0]] + argv[1:], cwd=tmp_path, env=run_env(), capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, f"{command}\n{explain(result)}"
+    release = tmp_path / "long" / "release"
+    check = ("import sys, torch, transformers; m = transformers.AutoModelForMaskedLM.from_pretrained(sys.argv[1]); "
+             "ids = torch.randint(5, 1000, (1, 4096)); print(tuple(m(ids).logits.shape), "
+             "m.config.max_position_embeddings)")
+    result = subprocess.run([sys.executable, "-c", check, str(release)], env=run_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, explain(result)
+    assert result.stdout.split()[-4:] == ["(1,", "4096,", "1100)", "4096"], result.stdout
