@@ -46,14 +46,19 @@ def log_bucket_position(relative_pos: torch.Tensor, bucket_size: int, max_positi
 
 
 def relative_position_index(query_len: int, key_len: int, config, device=None) -> torch.Tensor:
-    """[query_len, key_len] row of the relative-embedding table for each (i, j): clamp(bucket(i-j) + k)."""
-    q = torch.arange(query_len, dtype=torch.long, device=device)
-    k = torch.arange(key_len, dtype=torch.long, device=device)
-    rel = q[:, None] - k[None, :]
+    """[query_len, key_len] row of the relative-embedding table for each (i, j): clamp(bucket(i-j) + k).
+
+    The row depends on i - j only: computed once per distance in (-key_len, query_len), then each query's
+    row of the result is a window of that vector (the same values as evaluating the formula on the [N, N]
+    differences, without its [N, N] temporaries: several GiB at N = 8192)."""
+    rel = torch.arange(-(key_len - 1), query_len, dtype=torch.long, device=device)  # i - j, ascending
     if config.position_buckets > 0:
         rel = log_bucket_position(rel, config.position_buckets, config.max_relative)
     span = config.att_span
-    return torch.clamp(rel + span, 0, 2 * span - 1)
+    rows = torch.clamp(rel + span, 0, 2 * span - 1)
+    # out[i, j] = rows[i - j + key_len - 1]; reversed, that is entry query_len-1-i+j: row i is the window
+    # of key_len entries from query_len-1-i, and the windows from the last row's upward are unfold's
+    return rows.flip(0).unfold(0, key_len, 1).flip(0).contiguous()
 
 
 def attention_mask_2d_to_4d(mask: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import DebertaForMaskedLM, preset
-from model.attention import DisentangledSelfAttention, attention_mask_2d_to_4d, math_attention, relative_position_index
+from model.attention import (DisentangledSelfAttention, attention_mask_2d_to_4d, log_bucket_position, math_attention,
+                             relative_position_index)
 from model.fast import attention_paths, convert
 from model.fast.blockwise import blockwise, draw_seed, keep_mask
 from model.fast.dropout import dropout_scale
@@ -276,3 +277,16 @@ def test_blockwise_makes_no_quadratic_tensor_and_keeps_memory_linear_in_n():
     eager_largest, eager_saved = attention_memory("eager", 512)
     _, eager_saved_half = attention_memory("eager", 256)
     assert eager_largest >= heads * 512 * 512 and eager_saved / eager_saved_half > 2.5  # quadratic + linear
+
+
+@pytest.mark.parametrize("buckets, max_relative", [(256, 512), (16, 64), (-1, 24)])
+def test_relative_position_index_is_the_formula_on_every_pair(buckets, max_relative):
+    """relative_position_index (computed per distance, then windows) equals clamp(bucket(i - j) + k) evaluated
+    on the [Nq, Nk] differences, as it was written before: bitwise, square and not, beyond the buckets."""
+    cfg = config(position_buckets=buckets, max_relative_positions=max_relative)
+    for query_len, key_len in [(1, 1), (37, 37), (5, 40), (40, 5), (700, 700)]:
+        rel = torch.arange(query_len)[:, None] - torch.arange(key_len)[None, :]
+        if buckets > 0:
+            rel = log_bucket_position(rel, buckets, cfg.max_relative)
+        expected = torch.clamp(rel + cfg.att_span, 0, 2 * cfg.att_span - 1)
+        assert torch.equal(relative_position_index(query_len, key_len, cfg), expected), (query_len, key_len)
