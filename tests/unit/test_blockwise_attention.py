@@ -290,3 +290,15 @@ def test_relative_position_index_is_the_formula_on_every_pair(buckets, max_relat
             rel = log_bucket_position(rel, buckets, cfg.max_relative)
         expected = torch.clamp(rel + cfg.att_span, 0, 2 * cfg.att_span - 1)
         assert torch.equal(relative_position_index(query_len, key_len, cfg), expected), (query_len, key_len)
+
+
+def test_the_long_attention_bench_measures_in_a_subprocess_and_skips_past_the_cap(capsys):
+    """bench/long_attention.py: the first length runs in its own process (time and peak memory); the next,
+    predicted from it to need more than --cap-gib, is printed as skipped."""
+    from bench import long_attention
+    assert long_attention.main(["--lengths", "64,128", "--paths", "blockwise", "--hidden", "64", "--heads", "1",
+                                "--reps", "1", "--threads", "1", "--cap-gib", "1e-9"]) == 0
+    out = capsys.readouterr().out
+    row_64 = next(line for line in out.splitlines() if line.startswith("| 64 |"))
+    assert " s, " in row_64 and "GiB" in row_64 and "≥" not in row_64, out
+    assert "| 128 | skipped (needs ~" in out, out
