@@ -14,9 +14,11 @@ Each (path, length) runs in a fresh subprocess: the peak memory is the process's
 the steps minus its resident set just before the first step, after the module, the inputs and the relative
 index (ours: [N, N] int64; transformers': its relative positions) are built: the memory the step itself
 needs. The peak is Linux's VmHWM, reset after building (clear_refs); where it cannot be reset, getrusage's
-ru_maxrss, a lower bound (marked ≥) when building peaked higher than the steps. A length whose predicted peak (the path's peak at its previous length, times the square of
-the length ratio: quadratic, pessimistic for blockwise) exceeds --cap-gib is printed as skipped. Time: median
-seconds of --reps steps after one warm-up step.
+ru_maxrss, a lower bound (marked ≥) when building peaked higher than the steps. A length whose predicted
+peak (the path's peak at its previous length, times the square of the length ratio: quadratic, pessimistic
+for blockwise) exceeds --cap-gib is printed as skipped. Time: median seconds of --reps steps after one
+warm-up step. The first step of a process also pays ~0.07 GiB of one-time allocations (thread pools,
+kernels' buffers), which dominate the figures at 512 and 1024.
 """
 import argparse
 import json

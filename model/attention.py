@@ -13,8 +13,8 @@ as the released code does (the paper writes j - i; the checkpoints were trained 
 The module computes that formula term by term (`math_attention`): three projections, the c2p and p2c terms
 gathered from [B, H, N, 2k] products, masked scores filled, softmax, nn.Dropout, P·V. It is the text to read
 and the oracle the tests hold the fast paths against. The fast paths (`attention_impl` "eager", "sdpa",
-"fused", "blockwise", "auto", with the three projections as one matmul) are applied from outside by model/fast/convert.py,
-which swaps this module for a subclass that overrides `project` and `attend`.
+"fused", "blockwise", "auto", with the three projections as one matmul) are applied from outside by
+model/fast/convert.py, which swaps this module for a subclass that overrides `project` and `attend`.
 
 Padded query rows: the mask is m_i·m_j, so a padded query row has every key masked. Masked scores are
 filled with the dtype's most negative value before softmax, which makes such a row attend uniformly
