@@ -72,8 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=at_least(0), default=1, help="untimed steps per variant before timing (default 1)")
     p.add_argument("--steps", type=positive_int, default=1, help="timed steps per variant per round (default 1)")
     p.add_argument("--rounds", type=positive_int, default=3, help="alternating rounds; the median round counts (default 3)")
-    p.add_argument("--attention-impl", default=None, choices=["auto", "math", "eager", "sdpa", "fused"],
-                   help="our attention path: math (the plain formula), eager, sdpa or fused (model/fast/"
+    p.add_argument("--attention-impl", default=None, choices=["auto", "math", "eager", "sdpa", "fused", "blockwise"],
+                   help="our attention path: math (the plain formula), eager, sdpa, fused or blockwise (model/fast/"
                         "attention_paths.py); default: the config's, auto")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory runs")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")

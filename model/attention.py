@@ -13,8 +13,8 @@ as the released code does (the paper writes j - i; the checkpoints were trained 
 The module computes that formula term by term (`math_attention`): three projections, the c2p and p2c terms
 gathered from [B, H, N, 2k] products, masked scores filled, softmax, nn.Dropout, P·V. It is the text to read
 and the oracle the tests hold the fast paths against. The fast paths (`attention_impl` "eager", "sdpa",
-"fused", "auto", with the three projections as one matmul) are applied from outside by model/fast/convert.py,
-which swaps this module for a subclass that overrides `project` and `attend`.
+"fused", "blockwise", "auto", with the three projections as one matmul) are applied from outside by
+model/fast/convert.py, which swaps this module for a subclass that overrides `project` and `attend`.
 
 Padded query rows: the mask is m_i·m_j, so a padded query row has every key masked. Masked scores are
 filled with the dtype's most negative value before softmax, which makes such a row attend uniformly
@@ -46,14 +46,19 @@ def log_bucket_position(relative_pos: torch.Tensor, bucket_size: int, max_positi
 
 
 def relative_position_index(query_len: int, key_len: int, config, device=None) -> torch.Tensor:
-    """[query_len, key_len] row of the relative-embedding table for each (i, j): clamp(bucket(i-j) + k)."""
-    q = torch.arange(query_len, dtype=torch.long, device=device)
-    k = torch.arange(key_len, dtype=torch.long, device=device)
-    rel = q[:, None] - k[None, :]
+    """[query_len, key_len] row of the relative-embedding table for each (i, j): clamp(bucket(i-j) + k).
+
+    The row depends on i - j only: computed once per distance in (-key_len, query_len), then each query's
+    row of the result is a window of that vector (the same values as evaluating the formula on the [N, N]
+    differences, without its [N, N] temporaries: several GiB at N = 8192)."""
+    rel = torch.arange(-(key_len - 1), query_len, dtype=torch.long, device=device)  # i - j, ascending
     if config.position_buckets > 0:
         rel = log_bucket_position(rel, config.position_buckets, config.max_relative)
     span = config.att_span
-    return torch.clamp(rel + span, 0, 2 * span - 1)
+    rows = torch.clamp(rel + span, 0, 2 * span - 1)
+    # out[i, j] = rows[i - j + key_len - 1]; reversed, that is entry query_len-1-i+j: row i is the window
+    # of key_len entries from query_len-1-i, and the windows from the last row's upward are unfold's
+    return rows.flip(0).unfold(0, key_len, 1).flip(0).contiguous()
 
 
 def attention_mask_2d_to_4d(mask: torch.Tensor) -> torch.Tensor:

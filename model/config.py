@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-ATTENTION_IMPLS = ("auto", "math", "eager", "sdpa", "fused")
+ATTENTION_IMPLS = ("auto", "math", "eager", "sdpa", "fused", "blockwise")
 # earlier builds called the eager path "reference"; releases and run configs written then still load
 ATTENTION_ALIASES = {"reference": "eager"}
 
@@ -51,8 +51,9 @@ class DebertaConfig:
     cls_dropout: Optional[float] = None  # None: hidden_dropout_prob
     # ours (transformers keeps unknown keys as attributes and ignores them)
     # the attention path model/fast/convert.py applies to a model of this config where it is built to train or
-    # run: "math" (the formula as written, model/attention.py), "eager", "sdpa", "fused" (model/fast/), or
-    # "auto" (sdpa where CUDA is, eager elsewhere). The plain model (not converted) always runs "math".
+    # run: "math" (the formula as written, model/attention.py), "eager", "sdpa", "fused", "blockwise"
+    # (model/fast/), or "auto" (sdpa where CUDA is; on the CPU eager for short sequences, blockwise for long
+    # ones). The plain model (not converted) always runs "math".
     attention_impl: str = "auto"
 
     def __post_init__(self):

@@ -11,6 +11,10 @@
          [B, H, N, N] tensor in forward. Where its kernels cannot take an attention (no CUDA and no
          TRITON_INTERPRET, a head size that is not a power of two, the EMD's selected query rows, which are
          not a square index) it runs the path `auto` gives.
+  blockwise  flash attention's online softmax over blocks of keys in PyTorch, for the CPU (blockwise.py): no
+         [B, H, N, N] tensor in forward or backward, memory linear in N; slower than eager at short lengths.
+  auto   sdpa where CUDA is; on the CPU eager below BLOCKWISE_FROM keys and blockwise from there, decided
+         per call.
 
 Every path takes (attention module, q, k, v, mask4d, rel_index, rel_embeddings) with q already divided by
 the scale and rel_embeddings None when the layer has no relative terms, and returns the context [B, H, Nq, d].
@@ -20,6 +24,7 @@ convert.py sets a module's path (FastAttention.path). Triton is imported only wh
 import torch
 import torch.nn.functional as F
 
+from model.fast.blockwise import blockwise
 from model.fast.relative_bias import RELATIVE_BLOCK, GatherLast, distance_index, relative_bias_function
 from model.fast.softmax_dropout import SoftmaxDropoutMatmul, content_scores
 
@@ -79,9 +84,25 @@ def sdpa(attn, q, k, v, mask4d, rel_index, rel_embeddings):
                                           dropout_p=attn.dropout_p if attn.training else 0.0)
 
 
+# The key length from which `auto` takes blockwise on the CPU: the shortest at which blockwise is no slower
+# than eager, and from which eager's memory quadruples per doubling. `python -m bench.long_attention
+# --threads 1` (one layer, 4 heads of 64, forward + backward; two runs on 2 shared cores, times varying by up
+# to ±50% run to run), eager / blockwise seconds: 512: 0.06 / 0.10, 0.11 / 0.07; 1024: 0.18 / 0.27, 0.19 / 0.21;
+# 2048: 1.54 / 0.85, 0.90 / 0.92; 4096: 4.36 / 4.93, 3.87 / 2.78; 8192: 25.6 / 20.4, 13.2 / 10.7. Peak memory
+# (the second run) 0.25, 0.70, 2.35 GiB for eager at 2048, 4096, 8192; 0.14, 0.22, 0.42 GiB for blockwise.
+BLOCKWISE_FROM = 2048
+
+
+def cpu_auto(attn, q, k, v, mask4d, rel_index, rel_embeddings):
+    """`auto` on the CPU: eager for sequences shorter than BLOCKWISE_FROM keys, blockwise from there. Decided by
+    the key length, the sequence's: the EMD's few selected query rows take the path of the encoder's layers."""
+    path = blockwise if k.shape[2] >= BLOCKWISE_FROM else eager
+    return path(attn, q, k, v, mask4d, rel_index, rel_embeddings)
+
+
 def auto_path():
-    """`auto`: sdpa where CUDA is, eager elsewhere (decided when the module is built)."""
-    return sdpa if torch.cuda.is_available() else eager
+    """`auto`: sdpa where CUDA is, cpu_auto elsewhere (decided when the module is built)."""
+    return sdpa if torch.cuda.is_available() else cpu_auto
 
 
 class Fused:
@@ -111,6 +132,8 @@ def fast_path(name):
         return sdpa
     if name == "fused":
         return Fused()
+    if name == "blockwise":
+        return blockwise
     if name == "auto":
         return auto_path()
     raise ValueError(f"no fast attention path {name!r}")

@@ -10,7 +10,8 @@ inputs: each fast piece is tested against the plain module it replaces.
 
 What a caller chooses (all on by default):
   attention_impl        model/config.py ATTENTION_IMPLS: "math" keeps the formula (model/attention.py);
-                        "eager", "sdpa", "fused", "auto" (sdpa where CUDA is, eager elsewhere): attention_paths.py
+                        "eager", "sdpa", "fused", "blockwise", "auto" (sdpa where CUDA is; on the CPU eager for
+                        short sequences, blockwise for long ones): attention_paths.py
   fuse_qkv              q, k and v from one matmul on the concatenated weights
   autocast_linear       Linears and the tied MLM decoder keep their fp32 weight, not its autocast copy, for backward
   recompute_activation  the FFN's activation recomputed in backward instead of kept

@@ -2,7 +2,7 @@
 parameters and keys, computing the same function of its inputs with less memory or time:
 
   FastAttention            DisentangledSelfAttention with q, k, v from one matmul (fuse_qkv) and an attention
-                           path of attention_paths.py (eager, sdpa, fused) in place of math_attention
+                           path of attention_paths.py (eager, sdpa, fused, blockwise) in place of math_attention
   AutocastKeepLinear       a Linear that under autocast keeps its weight, not the weight's low-precision copy,
                            for backward (memory.py AutocastLinear)
   ActivatedLinear          the FFN's output Linear applied to act(x), the activation recomputed in backward

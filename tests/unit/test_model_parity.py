@@ -480,7 +480,7 @@ def test_fused_attention_falls_back_where_its_kernels_cannot_run(monkeypatch):
         assert torch.equal(fused(ids, mask).last_hidden_state, reference(ids, mask).last_hidden_state)
 
 
-@pytest.mark.parametrize("impl", ["math", "eager", "sdpa", "auto"])
+@pytest.mark.parametrize("impl", ["math", "eager", "sdpa", "auto", "blockwise"])
 @pytest.mark.parametrize("name", ["v2", "unshared_p2c", "unshared_c2p", "no_buckets", "absolute"])
 def test_every_attention_path_equals_the_math_path(impl, name):
     """The plain model (model/: the formula term by term, gathers, masked softmax, nn.Dropout, nn.Linear) is
