@@ -25,11 +25,11 @@ def test_split_model_has_the_loss_and_gradients_of_the_whole_one():
     sequence_parallel_check.py)."""
     script = os.path.join(ROOT, "tests", "helpers", "sequence_parallel_check.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), script, "math", "eager"]
+           "--master_port", str(free_port()), script, "math", "eager", "blockwise"]
     result = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, explain(result)
     found = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
-    assert sorted(found) == ["mlm eager", "mlm math", "rtd eager", "rtd math"]
+    assert sorted(found) == ["mlm blockwise", "mlm eager", "mlm math", "rtd blockwise", "rtd eager", "rtd math"]
     for case, (loss_diff, grad_diff, largest) in found.items():
         assert loss_diff <= TOL and grad_diff <= TOL, (case, loss_diff, grad_diff)
         assert largest > 1e-3, case  # the gradients compared are not all zero
