@@ -79,9 +79,10 @@ def test_sp2_checkpoint_resumes_on_one_rank_without_sp(sp_two, tiny_shards, tmp_
 
 def test_rtd_sp2_equals_one_process_without_sp(tiny_shards, tmp_path):
     """Objective rtd (decoupled: two engines, each over split encoders; the generator's samples are the group's
-    first rank's)."""
+    first rank's), the split run recomputing its layers in backward (activation_checkpointing: the all-to-alls
+    run again inside backward)."""
     sets = NO_DROPOUT + ["objective=rtd", "max_steps=2", "log_interval=1"]
-    split = pretrain(tiny_shards, tmp_path / "sp2", nproc=2, sets=sets + SP2)
+    split = pretrain(tiny_shards, tmp_path / "sp2", nproc=2, sets=sets + SP2 + ["activation_checkpointing=true"])
     whole = pretrain(tiny_shards, tmp_path / "sp1", nproc=1, sets=sets)
     for result in (split, whole):
         assert result.returncode == 0, explain(result)
