@@ -34,7 +34,9 @@ def add_arguments(parser):
                         "networks') every eval_interval steps (overrides valid_data_dir)")
     parser.add_argument("--output-dir", help="run directory: checkpoints, tensorboard, metrics.jsonl (overrides output_dir)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a run-config setting, e.g. --set lr=1e-4 --set model_overrides.num_hidden_layers=2")
+                        help="override a run-config setting, e.g. --set lr=1e-4 --set model_overrides.num_hidden_layers=2; "
+                             "long sequences: --set sequence_parallel_size=SP splits each one over SP ranks "
+                             "(DeepSpeed Ulysses, mode zero3)")
     parser.add_argument("--ds", action="append", default=[], metavar="KEY=VALUE",
                         help="override a DeepSpeed-config setting, e.g. --ds bf16.enabled=true --ds zero_optimization.stage=1")
     parser.add_argument("--accept-data-change", action="store_true",
