@@ -199,7 +199,9 @@ def discriminator_probe(release, work, batches=8, micro_batch=16):
     from pipeline.release.read import Release
     from pipeline.release.rtd import load_rtd_release_into, read_generator
     config = Release(release).config
-    model = RTDModel(config, read_generator(release, config)[0], "gdes")
+    generator_config, generator = read_generator(release, config)
+    # the EMD's absolute position table is in the generator's file when the run had emd
+    model = RTDModel(config, generator_config, "gdes", emd="deberta.embeddings.position_embeddings.weight" in generator)
     load_rtd_release_into(model, release, stage=0, rank=0)
     model.eval()
     loader = iter(build_pretrain_loader(os.path.join(work, "valid"), os.path.join(work, "spm.model"), micro_batch,
