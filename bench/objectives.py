@@ -17,7 +17,14 @@ log lines against the entropy of the replaced share (the loss of always predicti
 against 1 - the replaced share (always answering "original"), the share of logged steps whose gradient norm exceeded the
 DeepSpeed config's clipping (joint: the one norm over both networks; decoupled: G's and D's own), and for every
 release the spread of its [CLS] vectors: the mean pairwise cosine of the final [CLS] states of 64 held-out
-sequences (near 1: every input gets about the same [CLS]).
+sequences (near 1: every input gets about the same [CLS]). For rtd also: the released G and D on 128 held-out
+sequences (discriminator_probe: D's loss, accuracy and threshold-free AUC, with G's replacements and with random
+ones), and the discriminator's trajectory: per WINDOW log lines, its loss over the entropy, its accuracy minus the
+base rate's, G's MLM loss and G's share of samples equal to the original (is D ahead early, behind as G improves?).
+
+To compare run settings: `--set KEY=VALUE` (repeatable) is passed to every pretraining after the objective's own
+items (e.g. --set rtd_lambda=50 --set generator_layers=1 --set model_overrides.num_hidden_layers=4), --label
+names the run, release and log (run-OBJECTIVE-LABEL), and --seeds with no seed skips the fine-tuning.
 """
 import argparse
 import json
@@ -64,12 +71,13 @@ CLIPPING = 1.0  # ds_configs/cpu_zero3_fp32.json's gradient_clipping, which the 
 WINDOW = 10  # log lines (of 25 steps) the discriminator's loss and accuracy are averaged over
 
 
-def pretrain_for(objective, seconds, work):
+def pretrain_for(objective, seconds, work, extra_sets=(), label=""):
     """Pretrain until SIGUSR1 `seconds` after the first logged step; the run directory."""
-    run = os.path.join(work, f"run-{objective}")
+    name = objective + (f"-{label}" if label else "")
+    run = os.path.join(work, f"run-{name}")
     done = os.path.join(run, "bench_stopped.json")
     sets = ["max_steps=100000", "save_interval=100000", "log_interval=25", "eval_interval=100000",
-            "warmup_steps=60"] + OBJECTIVES[objective]
+            "warmup_steps=60"] + OBJECTIVES[objective] + list(extra_sets)
     if os.path.exists(done):  # a previous invocation's pretraining, stopped as this one would be
         with open(done) as f:
             if json.load(f) == {"seconds": seconds, "sets": sets}:
@@ -79,7 +87,7 @@ def pretrain_for(objective, seconds, work):
                  "measure again")
     cmd = pretrain_command(os.path.join(work, "shards"), run, sets=sets,
                            args=["--valid-data-dir", os.path.join(work, "valid")])
-    with open(os.path.join(work, f"pretrain-{objective}.log"), "w") as log:
+    with open(os.path.join(work, f"pretrain-{name}.log"), "w") as log:
         torchrun = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=log, stderr=subprocess.STDOUT)
         metrics = os.path.join(run, "metrics.jsonl")
         while not os.path.exists(metrics) and torchrun.poll() is None:
@@ -94,7 +102,7 @@ def pretrain_for(objective, seconds, work):
     with open(log.name) as f:
         codes = re.findall(r"exitcode\s*:\s*(-?\d+)", f.read())
     if torchrun.returncode != 0 and not (codes and set(codes) == {"75"}):
-        sys.exit(f"error: pretrain ({objective}) exited {torchrun.returncode} (ranks: {codes}): see {log.name}")
+        sys.exit(f"error: pretrain ({name}) exited {torchrun.returncode} (ranks: {codes}): see {log.name}")
     with open(done, "w") as f:
         json.dump({"seconds": seconds, "sets": sets}, f)
     return run
@@ -114,7 +122,21 @@ def summary(run, objective):
         out["clipped_share"] = clipped_share(logged, "grad_norm")  # joint: both networks'; decoupled: G's
         if "discriminator_grad_norm" in logged[-1]:
             out["discriminator_clipped_share"] = clipped_share(logged, "discriminator_grad_norm")
+        out["trajectory"] = trajectory(logged)
     return out
+
+
+def trajectory(logged):
+    """Per WINDOW log lines: [last step, D loss / entropy, D accuracy - base rate's, G's MLM loss, G correct]."""
+    rows = []
+    for start in range(0, len(logged) - WINDOW + 1, WINDOW):
+        records = logged[start:start + WINDOW]
+        d = against_base_rate(records)
+        rows.append([records[-1]["step"], round(d["rtd_loss_over_entropy"], 3),
+                     round(d["window_rtd_accuracy"] - d["base_rate_accuracy"], 4),
+                     round(statistics.mean(r["mlm_loss"] for r in records), 2),
+                     round(statistics.mean(r["generator_correct"] for r in records), 3)])
+    return rows
 
 
 def against_base_rate(records):
@@ -152,6 +174,61 @@ def cls_spread(release, work, count=64):
     return float((cosine.sum() - cosine.diagonal().sum()) / pairs)
 
 
+def auc(scores, labels):
+    """The area under the ROC curve of `scores` for the 0/1 `labels` (the Mann-Whitney statistic; ties are rare
+    in float logits and are not averaged)."""
+    import torch
+    ranks = torch.empty(len(scores), dtype=torch.float64)
+    ranks[torch.argsort(scores)] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    positive = labels.bool()
+    n1, n0 = int(positive.sum()), int((~positive).sum())
+    return float((ranks[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)) if n1 and n0 else None
+
+
+def discriminator_probe(release, work, batches=8, micro_batch=16):
+    """The released generator and discriminator on `batches` held-out micro-batches of RTD masking (the run's
+    seed's masks, each sample's own seed's draws): D's loss over the base-rate entropy, its accuracy beside
+    1 - the replaced share, and its AUC (replaced against original over all valid tokens: does D rank the
+    replacements above the rest, whatever its threshold?), with G's replacements and, the same masks filled with
+    uniformly random tokens, with replacements that context alone gives away."""
+    import torch
+    import torch.nn.functional as F
+
+    from model.rtd import RTDModel
+    from pipeline.data.mlm_loader import build_pretrain_loader
+    from pipeline.release.read import Release
+    from pipeline.release.rtd import load_rtd_release_into, read_generator
+    config = Release(release).config
+    generator_config, generator = read_generator(release, config)
+    # the EMD's absolute position table is in the generator's file when the run had emd
+    model = RTDModel(config, generator_config, "gdes", emd="deberta.embeddings.position_embeddings.weight" in generator)
+    load_rtd_release_into(model, release, stage=0, rank=0)
+    model.eval()
+    loader = iter(build_pretrain_loader(os.path.join(work, "valid"), os.path.join(work, "spm.model"), micro_batch,
+                                        0, 1, 1234, masking="rtd"))
+    data, draws, out = [next(loader) for _ in range(batches)], torch.Generator().manual_seed(0), {}
+    for replacements in ("generator", "random"):
+        logits, labels = [], []
+        for batch in data:
+            count = int((batch["labels"] != -100).sum())
+            how = (dict(sample_seeds=batch["sample_seeds"]) if replacements == "generator" else
+                   dict(sampled=torch.randint(5, config.vocab_size - 1, (count,), generator=draws)))
+            with torch.no_grad():
+                judged = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               labels=batch["labels"], **how)
+            valid = batch["attention_mask"].bool()
+            logits.append(judged.rtd_logits[valid].float())
+            labels.append(judged.replaced[valid])
+        scores, replaced = torch.cat(logits), torch.cat(labels)
+        share = float(replaced.float().mean())
+        entropy = -share * math.log(share) - (1 - share) * math.log(1 - share)
+        loss = float(F.binary_cross_entropy_with_logits(scores, replaced.float()))
+        out[replacements] = {"rtd_loss_over_entropy": loss / entropy,
+                             "rtd_accuracy": float(((scores > 0).long() == replaced).float().mean()),
+                             "base_rate_accuracy": 1 - share, "auc": auc(scores, replaced)}
+    return out
+
+
 def finetune(release, seed, work, objective):
     out = os.path.join(work, f"finetune-{objective}-seed{seed}")
     cli("finetune", "--task", "BoolQ", "--release", release, "--data-dir", os.path.join(work, "superglue"),
@@ -168,22 +245,29 @@ def main(argv=None):
     p.add_argument("--work", default="/tmp/bench-objectives", help="work directory, reused (default %(default)s)")
     p.add_argument("--seconds", type=positive_float, default=300,
                    help="pretraining time per objective after its first step (default 300)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="fine-tuning seeds (default 1 2 3)")
+    p.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 3],
+                   help="fine-tuning seeds (default 1 2 3; none: no fine-tuning)")
     p.add_argument("--objectives", nargs="+", choices=sorted(OBJECTIVES), default=["mlm", "rtd", "rtd-joint"],
                    help="what to pretrain: mlm, rtd (decoupled training, the default), rtd-joint (default: all)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="a run setting for every pretraining, after the objective's (repeatable)")
+    p.add_argument("--label", default="", help="names the runs, releases and logs: run-OBJECTIVE-LABEL")
     args = p.parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
     prepare_data(args.work)
-    report = {"seconds": args.seconds}
+    report = {"seconds": args.seconds, "sets": args.sets}
     for objective in args.objectives:
-        run = pretrain_for(objective, args.seconds, args.work)
-        release = os.path.join(args.work, f"release-{objective}")
+        name = objective + (f"-{args.label}" if args.label else "")
+        run = pretrain_for(objective, args.seconds, args.work, args.sets, args.label)
+        release = os.path.join(args.work, f"release-{name}")
         # --overwrite: a previous invocation's release may be of a run since removed and measured again
         cli("convert", "to-release", "--checkpoint", os.path.join(run, "checkpoints"), "--output", release,
             "--overwrite")
-        accuracies = [finetune(release, seed, args.work, objective) for seed in args.seeds]
-        report[objective] = dict(summary(run, objective), cls_cosine=cls_spread(release, args.work),
-                                 val_accuracy=accuracies, val_accuracy_mean=statistics.mean(accuracies))
+        accuracies = [finetune(release, seed, args.work, name) for seed in args.seeds]
+        held_out = {} if objective == "mlm" else {"held_out": discriminator_probe(release, args.work)}
+        report[objective] = dict(summary(run, objective), **held_out, cls_cosine=cls_spread(release, args.work),
+                                 val_accuracy=accuracies,
+                                 val_accuracy_mean=statistics.mean(accuracies) if accuracies else None)
         print(json.dumps({objective: report[objective]}), flush=True)
     print(json.dumps(report, indent=1))
 
