@@ -127,6 +127,12 @@ def grows(key, have, want):
             and have[0] < want[0])
 
 
+def grown_tables(have, want):
+    """{key: (release rows, model rows)} of the position tables that are shorter in the release (grows); `have`
+    and `want`: {key: shape} of the release and of the model."""
+    return {k: (have[k][0], s[0]) for k, s in want.items() if k in have and grows(k, tuple(have[k]), tuple(s))}
+
+
 def copy_weight(param, source):
     """param <- source; a shorter position table (grows) fills the first rows, the others keep their values."""
     param[: source.shape[0]].copy_(source.to(param.dtype))
@@ -180,8 +186,7 @@ class Release:
 
     def grown(self, shapes):
         """{key: (release rows, model rows)} of the position tables that are shorter in the release (grows)."""
-        return {k: (self.refs[k].shape[0], s[0]) for k, s in shapes.items()
-                if k in self.refs and grows(k, tuple(self.refs[k].shape), tuple(s))}
+        return grown_tables({k: ref.shape for k, ref in self.refs.items()}, shapes)
 
     def check_fits(self, shapes, what, new_ok=(), unexpected_ok=None, grown_ok=()):
         """Every key of `shapes` ({our key: shape}) present with that shape, else a ReleaseError naming keys and

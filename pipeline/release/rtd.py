@@ -24,7 +24,7 @@ from model import state_dict_adapter as keys
 from model.rtd import DebertaForRTD, RTDModel
 from pipeline.errors import ReleaseError
 from pipeline.run.lifecycle import raise_where_read, say
-from pipeline.release.read import Release, check_float_weight, check_grown, copy_weight, grows
+from pipeline.release.read import Release, check_float_weight, check_grown, copy_weight, grown_tables
 from pipeline.release.write import StreamingSafetensors, write_config
 
 GENERATOR_FILE = "pytorch_model.generator.bin"
@@ -145,7 +145,7 @@ def load_rtd_release_into(model, path, stage, rank):
     if reads:
         wanted = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in own.items()}
         have = {k: tuple(v.shape) for k, v in values.items() if k != "release table"}
-        grown = {k: (have[k][0], s[0]) for k, s in wanted.items() if k in have and grows(k, have[k], s)}
+        grown = grown_tables(have, wanted)
         problems = [k for k in wanted if k not in have and k != D_TABLE] + \
                    [f"{k} {have[k]} vs {s}" for k, s in wanted.items() if k in have and have[k] != s and k not in grown]
         if problems:

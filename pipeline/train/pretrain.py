@@ -151,7 +151,8 @@ def train(run, ds, env, accept_data_change=False):
               f"{run.global_batch_size}, {len(loader.data)} samples, {where}{validation}")
 
     checkpointer.meta = {**resume.model_identity(run), "pipeline_stages": run.pipeline_stages, "dp_size": dp_size,
-                         "sequence_parallel_size": run.sequence_parallel_size, "world_size": world, "zero_stage": zero_stage(ds), "precision": precision(ds),
+                         "sequence_parallel_size": run.sequence_parallel_size, "world_size": world,
+                         "zero_stage": zero_stage(ds), "precision": precision(ds),
                          "run_config": run.to_dict(), "tokenizer_sha256": tokenizer.fingerprint, "data": data,
                          "data_history": history, "changes": changed_before}
     peak = (run.peak_tflops or guess_peak_tflops() or 0) * 1e12 * world

@@ -94,7 +94,7 @@ class GatherTokens(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # reduced in place: a copy of autograd's buffer
         dist.all_reduce(grad, group=ctx.group.group)
         return grad[:, ctx.group.tokens(grad.shape[1])], None
 

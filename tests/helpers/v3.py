@@ -16,6 +16,8 @@ import shutil
 import torch
 
 from model import state_dict_adapter as keys
+from pipeline.release.read import read_state_dict
+from tests.helpers.launch import NO_DROPOUT, cli, explain, pretrain
 
 OURS_ONLY = ("attention_impl", "architectures", "legacy", "tie_word_embeddings")
 
@@ -39,3 +41,18 @@ def write_published_v3(rtd, out, spm_path=None, classifier="classifier"):
     if spm_path:
         shutil.copy(spm_path, os.path.join(out, "spm.model"))
     return discriminator, generator
+
+
+def assert_release_round_trip(release, shards, out, rtd_sets):
+    """A run of `rtd_sets` starting from the v3 directory `release` (init_from_release), one step at lr 0 (and so
+    discriminator_lr 0), converted back to a release in OUT/again: the same discriminator and generator."""
+    sets = rtd_sets + NO_DROPOUT + ["max_steps=1", "save_interval=1", "lr=0",
+                                    f"init_from_release={json.dumps(str(release))}"]
+    result = pretrain(shards, out / "run", sets=sets)
+    assert result.returncode == 0, explain(result)
+    again = cli("convert", "to-release", "--checkpoint", str(out / "run" / "checkpoints"), "--output", str(out / "again"))
+    assert again.returncode == 0, explain(again)
+    a, b = read_state_dict(str(release)), read_state_dict(str(out / "again"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ga, gb = (torch.load(os.path.join(d, "pytorch_model.generator.bin")) for d in (release, out / "again"))
+    assert ga.keys() == gb.keys() and all(torch.equal(ga[k], gb[k]) for k in ga)

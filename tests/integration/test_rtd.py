@@ -14,6 +14,7 @@ from pipeline.release import load_release
 from pipeline.release.read import read_state_dict
 from tests.helpers.launch import NO_DROPOUT, cli, explain, losses, pretrain, single_rank
 from tests.helpers.pretrain import eval_sets
+from tests.helpers.v3 import assert_release_round_trip
 from tests.helpers.superglue import write_cb_like
 
 RTD = ["objective=rtd", "rtd_training=joint"]
@@ -138,16 +139,7 @@ def test_finetuning_starts_from_the_v3_release(v3_release, tmp_path):
 def test_release_to_training_to_release_is_exact(v3_release, tiny_shards, tmp_path):
     """init_from_release starts an RTD run from the v3 directory (the discriminator's merged table split back into
     the generator's and a delta); with lr 0 the next release equals the one that went in."""
-    sets = RTD + NO_DROPOUT + ["max_steps=1", "save_interval=1", "lr=0", f"init_from_release={json.dumps(str(v3_release))}"]
-    result = pretrain(tiny_shards, tmp_path / "run", sets=sets)
-    assert result.returncode == 0, explain(result)
-    again = cli("convert", "to-release", "--checkpoint", str(tmp_path / "run" / "checkpoints"), "--output",
-                str(tmp_path / "again"))
-    assert again.returncode == 0, explain(again)
-    a, b = read_state_dict(str(v3_release)), read_state_dict(str(tmp_path / "again"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ga, gb = (torch.load(d / "pytorch_model.generator.bin") for d in (v3_release, tmp_path / "again"))
-    assert ga.keys() == gb.keys() and all(torch.equal(ga[k], gb[k]) for k in ga)
+    assert_release_round_trip(v3_release, tiny_shards, tmp_path, RTD)
 
 
 def test_a_published_v3_directory_continues_an_rtd_run(tiny_shards, tmp_path):

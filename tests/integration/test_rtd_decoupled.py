@@ -13,6 +13,7 @@ import transformers
 from pipeline.release.read import read_state_dict
 from tests.helpers.launch import NO_DROPOUT, cli, explain, losses, pretrain
 from tests.helpers.pretrain import eval_sets
+from tests.helpers.v3 import assert_release_round_trip
 
 RTD = ["objective=rtd"]  # rtd_training: decoupled by default
 SHORT = RTD + NO_DROPOUT + ["max_steps=4", "save_interval=2"]
@@ -129,13 +130,4 @@ def test_the_release_of_two_engines_is_the_v3_layout_and_computes_what_the_train
 def test_release_to_decoupled_training_to_release_is_exact(v3_release, tiny_shards, tmp_path):
     """init_from_release starts both engines from the v3 directory; with lr 0 (and so discriminator_lr 0) the next
     release, read from the two engines' checkpoint, equals the one that went in."""
-    sets = RTD + NO_DROPOUT + ["max_steps=1", "save_interval=1", "lr=0", f"init_from_release={json.dumps(str(v3_release))}"]
-    result = pretrain(tiny_shards, tmp_path / "run", sets=sets)
-    assert result.returncode == 0, explain(result)
-    again = cli("convert", "to-release", "--checkpoint", str(tmp_path / "run" / "checkpoints"), "--output",
-                str(tmp_path / "again"))
-    assert again.returncode == 0, explain(again)
-    a, b = read_state_dict(str(v3_release)), read_state_dict(str(tmp_path / "again"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ga, gb = (torch.load(d / "pytorch_model.generator.bin") for d in (v3_release, tmp_path / "again"))
-    assert ga.keys() == gb.keys() and all(torch.equal(ga[k], gb[k]) for k in ga)
+    assert_release_round_trip(v3_release, tiny_shards, tmp_path, RTD)
